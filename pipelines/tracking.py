@@ -42,3 +42,23 @@ def run_tags(**extra: str) -> dict[str, str]:
         "python_version": platform.python_version(),
         **{k: str(v) for k, v in extra.items()},
     }
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database (`<db dir>/mlartifacts`) as an absolute path, so Ray
+    workers with other working directories write to the same place. Other stores keep their server's default."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).parent / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment `name`, created (with `artifact_root_for`) when missing."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
