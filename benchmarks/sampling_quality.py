@@ -1,0 +1,125 @@
+"""Sample quality against sampling cost for a logged DiffusionModel: the DDIM paper's Table 1 (FID per sampler and
+number of steps) with wall time, plus held-out bits/dim; speed and FID ratios are against the first sampler
+(the baseline, measured in the same run).
+
+    python -m benchmarks.sampling_quality --model-uri models:/digits-ddpm/1 [--tracking-uri sqlite:///mlruns.db]
+        [--samplers ddpm-1000 ddim-10 ddim-50] [--num-samples 500] [--quick] [--json PATH] [--output-dir DIR]
+
+`--model-uri` is anything `mlflow.pytorch.load_model` accepts (runs:/…, models:/…, a local model directory).
+Data: scikit-learn digits at the model's resolution with a seeded 80/20 split (`--split-seed`); a model trained by
+the pipeline's ingest split may have seen some of these test images, which flatters its bits/dim.
+The FID feature network is the digits CNN of the evaluate stage (trained once on the TRAIN part, then cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from benchmarks.report import Row, machine
+from pipelines.evaluate.config import EvaluateConfig
+from pipelines.evaluate.digits import digits_split
+from pipelines.evaluate.stage import run_evaluate
+
+QUICK = {"samplers": ["ddpm-100", "ddim-10", "ddim-20"], "num_samples": 100, "bpd_batches": 1, "bpd_batch_size": 16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-uri", required=True, help="MLflow model URI or local MLflow model directory")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.add_argument("--samplers", nargs="+", help="'<ddpm|ddim>-<steps>' strings; the first is the baseline")
+    p.add_argument("--num-samples", type=int, help="samples per sampler for FID")
+    p.add_argument("--bpd-batches", type=int)
+    p.add_argument("--bpd-batch-size", type=int)
+    p.add_argument("--sample-batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="digits feature net cache (default ~/.cache/raydiff)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output-dir", help="plots, grids and tables (default: a new temporary directory)")
+    p.add_argument("--quick", action="store_true", help=f"smoke settings: {QUICK}")
+    p.add_argument("--json", help="write the numbers here")
+    return p.parse_args(argv)
+
+
+def load_model(uri: str, tracking_uri: str | None, device: str) -> torch.nn.Module:
+    import mlflow
+    import mlflow.pytorch
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(uri, map_location=device)
+    if not (hasattr(model, "schedule") and hasattr(model, "image_shape")):
+        raise SystemExit(f"--model-uri {uri!r} holds a {type(model).__name__}, not a diffusion.packaged.DiffusionModel")
+    return model.to(device).eval()
+
+
+def build_config(args: argparse.Namespace) -> EvaluateConfig:
+    defaults = EvaluateConfig()
+    quick = QUICK if args.quick else {}
+
+    def pick(name: str, default):
+        value = getattr(args, name)
+        return value if value is not None else quick.get(name, default)
+
+    return EvaluateConfig(samplers=pick("samplers", defaults.samplers),
+                          num_fid_samples=pick("num_samples", defaults.num_fid_samples),
+                          bpd_batches=pick("bpd_batches", defaults.bpd_batches),
+                          bpd_batch_size=pick("bpd_batch_size", defaults.bpd_batch_size),
+                          sample_batch_size=args.sample_batch_size, seed=args.seed, feature_cache_dir=args.cache_dir)
+
+
+def ratio_rows(table: list[dict]) -> list[Row]:
+    """Each sampler's samples/s and FID against the first sampler's (FID: lower is better)."""
+    base = table[0]
+    rows = []
+    for row in table[1:]:
+        rows.append(Row(f"{row['sampler']} samples/s vs {base['sampler']}", row["samples_per_s"],
+                        base["samples_per_s"], "img/s"))
+        rows.append(Row(f"{row['sampler']} FID vs {base['sampler']}", row["fid"], base["fid"], "FID",
+                        lower_is_better=True))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except ValidationError as exc:
+        raise SystemExit(f"invalid settings: {exc}") from None
+    model = load_model(args.model_uri, args.tracking_uri, args.device)
+    channels, size, _ = model.image_shape
+    if channels != 1:
+        raise SystemExit(f"the digits benchmark needs a 1-channel model; {args.model_uri!r} has {channels} channels")
+    train_x, train_y, test_x, _ = digits_split(size=size, seed=args.split_seed)
+    output_dir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="sampling_quality_"))
+    result = run_evaluate(config, model, test_x, train_x, train_y, output_dir)
+
+    m = result.metrics
+    print(f"\n== sampling quality: {args.model_uri} ({machine()})")
+    print(f"held-out bits/dim {m['test_bpd']:.4f} ± {m['test_bpd_stderr']:.4f} = prior {m['test_prior_bpd']:.2e} "
+          f"+ Σ KL {m['test_vb_bpd']:.4f} + decoder {m['test_decoder_bpd']:.4f} "
+          f"({int(m['test_bpd_num_images'])} images)")
+    print((output_dir / "sampler_table.md").read_text())
+    rows = ratio_rows(result.table)
+    for row in rows:
+        print(row.line())
+    print(f"artifacts in {output_dir}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "title": "sampling quality", "machine": machine(), "model_uri": args.model_uri,
+            "config": config.model_dump(), "metrics": m, "table": result.table,
+            "ratios": [{"what": r.what, "ours": r.ours, "baseline": r.baseline, "ratio": r.ratio} for r in rows],
+            "artifacts": [str(p) for p in result.artifacts]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The evaluate stage: held-out bits/dim (full ELBO), FID against held-out data, and the DDPM-vs-DDIM
+quality/time table (Song et al. 2021, Table 1), with plots and sample grids written as files.
+
+config.py     EvaluateConfig (frozen pydantic)
+stage.py      run_evaluate: the stage entry point the pipeline runner calls
+sampling.py   "name-steps" sampler strings and timed, seeded sample generation
+bpd.py        batched nll_bpd over test images and the per-t L_{t−1} curve
+frechet.py    Gaussian statistics of features and the Fréchet distance (pytorch-fid conventions)
+digits_net.py small CNN classifier on digits TRAIN whose penultimate layer gives FID features (cached)
+inception.py  pytorch-fid's FID Inception-v3, loaded only from a local state-dict file
+features.py   picks the feature network and maps images to feature matrices
+table.py      the sampler table as CSV, Markdown and an FID-vs-steps plot
+grid.py       save_grid, shared with training
+digits.py     the scikit-learn digits split at a given resolution (benchmarks and tests)
+"""

@@ -1,0 +1,53 @@
+"""Parameters of the evaluate stage (validated at the edge; unknown keys are errors)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.evaluate.sampling import parse_sampler
+
+
+class EvaluateConfig(BaseModel):
+    """bits/dim on bpd_batches × bpd_batch_size test images; FID of num_fid_samples per sampler against test images.
+
+    samplers             "<ddpm|ddim>-<steps>" strings, one table row each (DDIM with η = 0)
+    fid_feature_net      "digits": a small CNN trained on the TRAIN split (cached under feature_cache_dir);
+                         "inception": pytorch-fid's Inception-v3 from the local state-dict file inception_weights
+    feature_cache_dir    where the digits feature net is cached; None means ~/.cache/raydiff
+    sample_batch_size    images per sampler call and per feature-network call
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bpd_batches: int = Field(4, ge=1)
+    bpd_batch_size: int = Field(64, ge=1)
+    samplers: list[str] = Field(default_factory=lambda: ["ddpm-1000", "ddim-10", "ddim-20", "ddim-50", "ddim-100"],
+                                min_length=1)
+    num_fid_samples: int = Field(500, ge=2)
+    fid_feature_net: Literal["digits", "inception"] = "digits"
+    inception_weights: str | None = None
+    feature_cache_dir: str | None = None
+    seed: int = 0
+    sample_batch_size: int = Field(250, ge=1)
+
+    @field_validator("samplers")
+    @classmethod
+    def _samplers_parse(cls, samplers: list[str]) -> list[str]:
+        for text in samplers:
+            parse_sampler(text)
+        duplicates = sorted({s for s in samplers if samplers.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"samplers lists {duplicates} more than once")
+        return samplers
+
+    @model_validator(mode="after")
+    def _inception_needs_weights(self) -> "EvaluateConfig":
+        if self.fid_feature_net == "inception" and self.inception_weights is None:
+            raise ValueError("fid_feature_net='inception' needs inception_weights: a local path to pytorch-fid's "
+                             "pt_inception-2015-12-05 state dict (nothing is downloaded)")
+        if self.fid_feature_net == "digits" and self.inception_weights is not None:
+            raise ValueError("inception_weights is set but fid_feature_net='digits'; set fid_feature_net='inception' "
+                             "to use it, or remove inception_weights")
+        return self

@@ -1,0 +1,48 @@
+"""The feature network for FID, chosen by the config, and images → feature matrices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.evaluate.config import EvaluateConfig
+from pipelines.evaluate.digits_net import load_or_train_digits_net
+from pipelines.evaluate.inception import load_fid_inception
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "raydiff"
+DIGITS_NET_SEED = 0  # fixed, not config.seed: FIDs stay comparable across runs that sample with different seeds
+
+
+@dataclass
+class FeatureExtractor:
+    """Callable: images [N, C, H, W] in [−1, 1] → features [N, F] float64 (numpy), `batch_size` images per call."""
+
+    name: str
+    net: nn.Module  # has .features(x) and is in eval mode
+    batch_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    metrics: dict[str, float] = field(default_factory=dict)  # facts about the net worth logging
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        out = [self.net.features(images[i:i + self.batch_size].to(self.device, torch.float32)).double().cpu()
+               for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(out).numpy()
+
+
+def build_feature_extractor(
+    config: EvaluateConfig, train_images: torch.Tensor, train_labels: torch.Tensor, device: torch.device | str = "cpu"
+) -> FeatureExtractor:
+    """"inception": load the local weights file; "digits": the cached (or freshly trained) classifier on TRAIN."""
+    device = torch.device(device)
+    if config.fid_feature_net == "inception":
+        net = load_fid_inception(config.inception_weights)  # the config guarantees a path
+        return FeatureExtractor("inception", net.to(device), config.sample_batch_size, device)
+    cache_dir = Path(config.feature_cache_dir).expanduser() if config.feature_cache_dir else DEFAULT_CACHE_DIR
+    trained = load_or_train_digits_net(train_images.cpu(), train_labels.cpu(), DIGITS_NET_SEED, cache_dir)
+    return FeatureExtractor("digits", trained.net.to(device), config.sample_batch_size, device,
+                            {"fid_net_val_accuracy": trained.val_accuracy})
