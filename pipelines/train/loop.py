@@ -1,0 +1,176 @@
+"""`train_loop_per_worker`: the L_simple training loop each Ray Train worker runs (Ho et al. 2020, Alg. 1).
+
+Rank 0 alone logs to MLflow and writes checkpoints; every rank calls `ray.train.report` at checkpoint steps.
+Checkpoints hold model, EMA, optimizer, LR schedule, step and data position; per-step seeds are derived from
+(seed, rank, step), so a resumed run continues with the draws an uninterrupted one would have made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from diffusion.ema import EMA
+from diffusion.losses import l_simple
+from diffusion.packaged import DiffusionModel
+from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet, UNetConfig
+from pipelines.train.checkpoint import load_state, save_state, step_seed
+from pipelines.train.config import TrainConfig
+from pipelines.train.monitor import heldout_elbo, memory_metrics, sample_grids
+
+
+def epoch_batches(cfg: TrainConfig, train_dir: str, epoch: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:
+    """This worker's images for one epoch: [batch, C, H, W] float32 in [−1, 1], a disjoint subset per rank."""
+    if cfg.loader == "webdataset":
+        from pipelines.ingest.reader import WebDatasetBatches, shard_urls
+
+        loader = WebDatasetBatches(shard_urls(train_dir), batch, seed=cfg.seed, rank=rank, world_size=world, drop_last=True)
+        loader.set_epoch(epoch)
+        return (images for images, _labels in loader)
+    shard = ray.train.get_dataset_shard("train")
+    return (b["image"] for b in shard.iter_torch_batches(batch_size=batch, drop_last=True,
+                                                         local_shuffle_buffer_size=4 * batch,
+                                                         local_shuffle_seed=cfg.seed + epoch))
+
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig.model_validate(loop_config["train"])
+    unet_config = UNetConfig.from_dict(loop_config["unet"])
+    run_id, tracking_uri = loop_config["mlflow_run_id"], loop_config["tracking_uri"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    per_worker_batch = cfg.batch_size // world
+    sched = NoiseSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps)
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    unet = UNet(unet_config).to(device=device, memory_format=memory_format)
+    ema = EMA(unet, cfg.ema_decay, cfg.ema.warmup)
+    model = ray.train.torch.prepare_model(unet, move_to_device=False)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    warmup = max(cfg.warmup_steps, 1)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_state(directory, map_location=device)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+
+    client = MlflowClient(tracking_uri) if rank == 0 else None
+    if client is not None:
+        client.log_metric(run_id, "start_step", step, step=step)
+        print(f"[raydiff train] rank 0 of {world} starting at step {step}/{cfg.steps} on {device}", flush=True)
+    val_images = None
+    if rank == 0 and loop_config.get("val_dir"):
+        from pipelines.ingest.reader import load_split_tensor
+
+        val_images, _ = load_split_tensor(loop_config["val_dir"], limit=cfg.eval_batches * cfg.eval_batch_size)
+
+    def evaluate_and_log(tag_step: int) -> dict[str, float]:
+        """ELBO on held-out images and sample grids, with the EMA weights; artifacts go straight to MLflow."""
+        metrics: dict[str, float] = {}
+        ema_model = DiffusionModel(ema.averaged, cfg.schedule.name, cfg.schedule.num_timesteps)
+        with tempfile.TemporaryDirectory() as directory:
+            out_dir = Path(directory)
+            if val_images is not None and val_images.shape[0] > 0:
+                plot = out_dir / f"vb_per_t_step{tag_step}.png"
+                metrics = heldout_elbo(ema_model, val_images, cfg.eval_batch_size, plot, seed=cfg.seed)
+                client.log_artifact(run_id, str(plot), "elbo")
+            for path in sample_grids(ema_model, cfg.sample_grid, cfg.sample_ddpm_steps, cfg.sample_ddim_steps,
+                                     out_dir, f"step{tag_step}", seed=cfg.seed):
+                client.log_artifact(run_id, str(path), "samples")
+        return metrics
+
+    def report_checkpoint(metrics: dict[str, float]) -> None:
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(directory, {
+                "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "train_config": cfg.model_dump(mode="json"),
+                "unet_config": unet_config.to_dict(),
+            })
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    loss_sum, grad_sum, interval_steps, interval_start = 0.0, 0.0, 0, time.perf_counter()
+    model.train()
+    while step < cfg.steps:
+        batches = itertools.islice(epoch_batches(cfg, loop_config["train_dir"], epoch, rank, world, per_worker_batch),
+                                   batch_in_epoch, None)
+        consumed_any = False
+        for images in batches:
+            consumed_any = True
+            torch.manual_seed(step_seed(cfg.seed, rank, step))
+            x0 = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            with autocast:
+                loss = l_simple(model, sched, x0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            ema.update(unet)
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            loss_sum, grad_sum, interval_steps = loss_sum + loss.item(), grad_sum + grad_norm.item(), interval_steps + 1
+
+            metrics: dict[str, float] = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - interval_start
+                loss_mean, grad_mean = _all_reduce_mean([loss_sum / interval_steps, grad_sum / interval_steps], device)
+                metrics = {"loss": loss_mean, "grad_norm": grad_mean, "lr": lr_schedule.get_last_lr()[0],
+                           "images_per_s": interval_steps * cfg.batch_size / elapsed, "epoch": epoch,
+                           **memory_metrics(device)}
+                loss_sum, grad_sum, interval_steps, interval_start = 0.0, 0.0, 0, time.perf_counter()
+                if client is not None:
+                    print(f"[raydiff train] step {step}/{cfg.steps} loss {loss_mean:.4f} "
+                          f"{metrics['images_per_s']:.0f} img/s", flush=True)
+            if client is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                model.eval()
+                metrics.update(evaluate_and_log(step))
+                model.train()
+            if client is not None and metrics:
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                report_checkpoint({"step": step, **metrics})
+            if step >= cfg.steps:
+                break
+        else:
+            if not consumed_any and batch_in_epoch == 0:
+                raise RuntimeError(f"worker {rank} got no full batch of {per_worker_batch} images from "
+                                   f"{loop_config['train_dir']}: use a smaller batch_size or fewer workers")
+            epoch, batch_in_epoch = epoch + 1, 0

@@ -1,0 +1,110 @@
+"""Ray Train training with real local Ray (2 CPU workers), real webdataset shards and a real sqlite MLflow store."""
+
+import signal
+import threading
+import time
+
+import mlflow
+import mlflow.pytorch
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
+
+from diffusion.packaged import DiffusionModel
+from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.stage import run_ingest
+from pipelines.train.config import TrainConfig
+from pipelines.train.stage import run_training
+
+TINY = {"model": {"preset": "tiny"}, "batch_size": 32, "workers": 2, "cpus_per_worker": 1.0, "lr": 1e-3,
+        "warmup_steps": 10, "log_every": 10, "checkpoint_every": 20, "eval_every": 0, "eval_batches": 1,
+        "eval_batch_size": 16, "sample_grid": 9, "sample_ddpm_steps": 20, "sample_ddim_steps": 5,
+        "ema": {"half_life_steps": 10}}
+
+
+@pytest.fixture(scope="module")
+def digits_8x8(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    result = run_ingest(IngestConfig.model_validate({"image": {"size": 8, "channels": 1}}), root, progress=False)
+    return result.splits["train"], result.splits["val"]
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_bad_configs_fail_before_ray_with_the_field_named():
+    for bad, field in [({"lerning_rate": 1e-3}, "lerning_rate"), ({"lr": -1.0}, "lr"),
+                       ({"batch_size": 30, "workers": 4}, "not divisible by workers"),
+                       ({"model": {"preset": "huge"}}, "model.preset"), ({"model": {"chanels": 3}}, "model.chanels")]:
+        with pytest.raises(ValidationError, match=field):
+            TrainConfig.model_validate(bad)
+
+
+def test_training_loss_falls_and_everything_lands_in_mlflow(digits_8x8, tmp_path, mlflow_uri):
+    train_dir, val_dir = digits_8x8
+    config = TrainConfig.model_validate({**TINY, "steps": 120, "eval_every": 120})
+    result = run_training(config, train_dir, val_dir, tmp_path / "out", mlflow_uri, "test-train", "train")
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.final_step == 120
+    losses = [v for _, v in metric_history(mlflow_uri, result.run_id, "loss")]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
+    for key in ("lr", "grad_norm", "images_per_s", "cpu_peak_rss_mb", "val_bpd", "val_prior_bpd",
+                "val_vb_bpd", "val_decoder_bpd"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["val_bpd"] == pytest.approx(
+        run.data.metrics["val_prior_bpd"] + run.data.metrics["val_vb_bpd"] + run.data.metrics["val_decoder_bpd"], rel=1e-6)
+    assert run.data.params["train.batch_size"] == "32" and run.data.params["unet.ch"] == "16"
+    assert run.data.tags["ray_version"] and run.data.tags["git_commit"]
+    artifacts = {a.path for d in ("elbo", "samples") for a in client.list_artifacts(result.run_id, d)}
+    assert artifacts == {"elbo/vb_per_t_step120.png", "samples/ddpm-20_step120.png", "samples/ddim-5_step120.png"}
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pytorch.load_model(result.model_uri)
+    assert isinstance(model, DiffusionModel) and model.image_shape == (1, 8, 8)
+    assert model.metadata["training_steps"] == 120
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999])).shape == (2, 1, 8, 8)
+
+
+def test_second_invocation_resumes_the_same_run(digits_8x8, tmp_path, mlflow_uri):
+    train_dir, _ = digits_8x8
+    out = tmp_path / "out"
+    first = run_training(TrainConfig.model_validate({**TINY, "steps": 40}), train_dir, None, out, mlflow_uri, "t", "train")
+    second = run_training(TrainConfig.model_validate({**TINY, "steps": 60}), train_dir, None, out, mlflow_uri, "t", "train")
+    assert second.run_id == first.run_id and second.final_step == 60
+    assert [v for _, v in metric_history(mlflow_uri, first.run_id, "start_step")] == [0, 40]
+    assert [s for s, _ in metric_history(mlflow_uri, first.run_id, "loss")] == [10, 20, 30, 40, 50, 60]
+
+
+def _train_worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_path, mlflow_uri):
+    train_dir, _ = digits_8x8
+    out = tmp_path / "out"
+    config = TrainConfig.model_validate({**TINY, "steps": 300})
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault(
+        "result", run_training(config, train_dir, None, out, mlflow_uri, "t", "train")), daemon=True)
+    thread.start()
+    # Kill once step 30 is logged: the step-20 checkpoint's report has then returned on every worker.
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        run_id_file = out / "mlflow_run_id.txt"
+        if run_id_file.is_file() and any(s >= 30 for s, _ in metric_history(mlflow_uri, run_id_file.read_text(), "loss")):
+            break
+        time.sleep(0.5)
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found to kill"
+    psutil.Process(pids[-1]).send_signal(signal.SIGKILL)
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result.final_step == 300
+    starts = [v for _, v in metric_history(mlflow_uri, result.run_id, "start_step")]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 20, starts  # continued, not restarted
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
