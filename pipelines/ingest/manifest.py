@@ -1,0 +1,65 @@
+"""`manifest.json` beside each split's shards: what was ingested, from where, and how to check it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = "raydiff-webdataset/1"
+
+
+class ShardIntegrityError(RuntimeError):
+    """A shard is missing or its sha256 differs from the manifest's."""
+
+
+class ManifestError(ValueError):
+    """A split directory has no (readable) manifest."""
+
+
+def write_manifest(split_dir: Path, manifest: dict) -> Path:
+    path = Path(split_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_manifest(split_dir: str | Path) -> dict:
+    """The parsed manifest.json of `split_dir`; keys: format, split, fingerprint, source, image, num_samples,
+    shards [{file, samples, bytes, sha256}], classes, rejects [{key, origin, reason}], num_rejected."""
+    path = Path(split_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path} not found: {split_dir} is not an ingested split directory") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(split_dir: str | Path) -> dict:
+    """Check every shard listed in the manifest against its sha256 and size; returns the manifest.
+
+    Raises ShardIntegrityError naming the shard file, the expected and the actual sha256.
+    """
+    split_dir = Path(split_dir)
+    manifest = load_manifest(split_dir)
+    for shard in manifest["shards"]:
+        path = split_dir / shard["file"]
+        if not path.is_file():
+            raise ShardIntegrityError(f"shard {path} listed in {split_dir / MANIFEST} is missing")
+        actual = sha256_of(path)
+        if actual != shard["sha256"]:
+            raise ShardIntegrityError(f"shard {path} is corrupt or was modified: sha256 {actual}, "
+                                      f"manifest expects {shard['sha256']}")
+    return manifest
