@@ -1,0 +1,84 @@
+"""The page at `/`: try the sampler in a browser (plain HTML + fetch, no external assets).
+
+Query parameters prefill the form (`sampler`, `steps`, `eta`, `n`, `seed`); `run=1` samples on load.
+"""
+
+INDEX_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>raydiff sampler</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 24px; background: #f4f5f7; color: #1d2330; }
+  h1 { margin: 0 0 4px; font-size: 22px; color: #1f4fd1; }
+  #model { font-size: 13px; color: #555; margin-bottom: 16px; }
+  form { display: flex; flex-wrap: wrap; gap: 12px; align-items: end; background: #fff; padding: 12px;
+         border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.15); }
+  label { display: flex; flex-direction: column; font-size: 12px; gap: 4px; }
+  input, select { font-size: 14px; padding: 4px 6px; width: 90px; }
+  button { font-size: 14px; padding: 6px 18px; background: #1f4fd1; color: #fff; border: 0; border-radius: 6px; }
+  #status { margin: 12px 0; font-size: 13px; min-height: 18px; }
+  #status.error { color: #b00020; }
+  #grid { image-rendering: pixelated; width: 384px; border: 1px solid #ccc; background: #fff; display: none; }
+</style>
+</head>
+<body>
+<h1>raydiff &mdash; DDPM / DDIM sampler</h1>
+<div id="model">loading model info&hellip;</div>
+<form id="form">
+  <label>sampler <select id="sampler"><option>ddim</option><option>ddpm</option></select></label>
+  <label>steps <input id="steps" type="number" min="1" placeholder="default"></label>
+  <label>eta <input id="eta" type="number" min="0" max="1" step="0.1" value="0"></label>
+  <label>images <input id="n" type="number" min="1" value="16"></label>
+  <label>seed <input id="seed" type="number" min="0" placeholder="random"></label>
+  <button id="go" type="submit">Sample</button>
+</form>
+<div id="status"></div>
+<img id="grid" alt="samples">
+<script>
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+for (const [key, id] of [["sampler", "sampler"], ["steps", "steps"], ["eta", "eta"], ["n", "n"], ["seed", "seed"]]) {
+  if (params.has(key)) $(id).value = params.get(key);
+}
+const base = location.pathname.replace(/\\/$/, "");
+function status(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+async function loadModel() {
+  try {
+    const r = await fetch(base + "/v1/models");
+    const [m] = await r.json();
+    $("model").textContent = `${m.name} v${m.version ?? "-"}${m.alias ? " @" + m.alias : ""} · ` +
+      `${m.channels}×${m.image_size}×${m.image_size} · T=${m.num_timesteps} · ${m.schedule} · ${m.device}`;
+  } catch (e) { $("model").textContent = "model info unavailable: " + e; }
+}
+
+async function sample(event) {
+  if (event) event.preventDefault();
+  const body = { sampler: $("sampler").value, num_images: parseInt($("n").value, 10), format: "grid" };
+  if ($("steps").value) body.steps = parseInt($("steps").value, 10);
+  if (body.sampler === "ddim") body.eta = parseFloat($("eta").value || "0");
+  if ($("seed").value) body.seed = parseInt($("seed").value, 10);
+  status("sampling…");
+  $("go").disabled = true;
+  try {
+    const r = await fetch(base + "/v1/samples", { method: "POST", headers: { "content-type": "application/json" },
+                                                  body: JSON.stringify(body) });
+    const out = await r.json();
+    if (!r.ok) { status(`error ${r.status}: ${out.message}`, true); return; }
+    $("grid").src = "data:image/png;base64," + out.images[0];
+    $("grid").style.display = "block";
+    status(`done: ${out.shape[0]} images, ${out.sampler} ${out.steps} steps, seed ${out.seed}, ` +
+           `${out.timing.total_s.toFixed(2)} s (batch of ${out.timing.batch_requests} requests)`);
+    document.body.dataset.sampled = "1";
+  } catch (e) { status("request failed: " + e, true); }
+  finally { $("go").disabled = false; }
+}
+
+$("form").addEventListener("submit", sample);
+loadModel();
+if (params.get("run") === "1") sample();
+</script>
+</body>
+</html>
+"""
