@@ -1,0 +1,52 @@
+"""register: a new MLflow Model Registry version of the trained model; alias `champion` moves to it only if its
+evaluation metric beats the champion's (pipelines.register)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.stages.kind import StageContext, StageKind, StageResult
+
+
+class PromoteIf(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = "test_bpd"
+    mode: Literal["min", "max"] = "min"
+
+
+class RegisterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    promote_if: PromoteIf = PromoteIf()
+    tags: dict[str, str] = {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from pipelines.register import register_model
+
+    params: RegisterConfig = ctx.params
+    metrics = ctx.inputs["evaluation"].values["metrics"]
+    metric = params.promote_if.metric
+    if metric not in metrics:
+        raise ValueError(f"promote_if.metric {metric!r} is not among the evaluation metrics {sorted(metrics)}")
+    model = ctx.inputs["model"].values
+    registration = register_model(ctx.tracking_uri, model["model_uri"], params.model_name, metric,
+                                  float(metrics[metric]), params.promote_if.mode, params.alias,
+                                  tags={**params.tags, "raydiff.training_run_id": model["run_id"],
+                                        "raydiff.pipeline_run_id": ctx.parent_run_id})
+    client = ctx.mlflow()
+    client.set_tag(ctx.run_id, "raydiff.model_version", registration.model_uri)
+    client.set_tag(ctx.run_id, "raydiff.promoted", str(registration.promoted).lower())
+    return StageResult(values=registration.to_json(),
+                       metrics={metric: registration.value, "promoted": float(registration.promoted),
+                                "version": float(registration.version)})
+
+
+KIND = StageKind(name="register", params="pipelines.stages.register:RegisterConfig", run=run,
+                 inputs={"model": ("train",), "evaluation": ("evaluate",)}, code=("pipelines.register",),
+                 resources={"num_cpus": 0})

@@ -1,0 +1,107 @@
+"""Cache keys (code version, parameters, input content) and the storage records live in."""
+
+import importlib
+import sys
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipelines import cache
+from pipelines.cache import code_version, read_record, stage_key, write_record
+from pipelines.runner.storage import Storage, is_remote
+from pipelines.stages.kind import StageKind, StageRecord, hash_files, hash_json
+
+
+def _kind(module: str) -> StageKind:
+    return StageKind(name="k", params="x:y", run=lambda ctx: None, code=(module,))
+
+
+def test_code_version_follows_the_source_text(tmp_path, monkeypatch):
+    (tmp_path / "stage_code_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    kind = _kind("stage_code_probe")
+    before = code_version(kind)
+    assert code_version(kind) == before
+    (tmp_path / "stage_code_probe.py").write_text("VALUE = 2\n")
+    cache._source_files.cache_clear()
+    assert code_version(kind) != before
+    sys.modules.pop("stage_code_probe", None)
+
+
+def test_code_version_of_a_package_covers_all_its_modules():
+    kind = _kind("pipelines.runner")
+    files = {p.name for p in cache._source_files("pipelines.runner")}
+    assert {"execute.py", "storage.py", "task.py", "runs.py"} <= files
+    assert len(code_version(kind)) == 64
+
+
+def test_stage_key_changes_with_params_and_input_content_only():
+    kind = _kind("pipelines.cache")
+    key = stage_key(kind, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abc"})
+    assert stage_key(kind, {"model": {"preset": "tiny"}, "steps": 10}, {"ingest": "abc"}) == key  # order-free
+    assert stage_key(kind, {"steps": 11, "model": {"preset": "tiny"}}, {"ingest": "abc"}) != key
+    assert stage_key(kind, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abd"}) != key
+    other = StageKind(name="other", params="x:y", run=kind.run, code=kind.code)
+    assert stage_key(other, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abc"}) != key
+
+
+def test_hashes():
+    assert hash_json({"a": 1, "b": [1, 2]}) == hash_json({"b": [1, 2], "a": 1})
+    assert hash_json({"a": 1}) != hash_json({"a": 2})
+
+
+def test_hash_files(tmp_path):
+    (tmp_path / "x").write_bytes(b"1" * 3_000_000)
+    (tmp_path / "y").write_bytes(b"2")
+    h = hash_files([tmp_path / "x", tmp_path / "y"])
+    (tmp_path / "y").write_bytes(b"3")
+    assert hash_files([tmp_path / "x", tmp_path / "y"]) != h
+
+
+def _record(uri: str) -> StageRecord:
+    return StageRecord(stage="train", kind="train", key="k" * 64, uri=uri, values={"model_uri": "runs:/1/model"},
+                       content_hash="c", run_id="1", seconds=1.5, finished_at="now", metrics={"loss": 0.1})
+
+
+def test_records_round_trip_and_mark_completion_locally(tmp_path):
+    storage = Storage(str(tmp_path / "store"))
+    uri = storage.uri("stages", "train-abc")
+    assert uri == str(tmp_path / "store" / "stages" / "train-abc")
+    assert read_record(storage, uri) is None
+    write_record(storage, _record(uri))
+    assert read_record(storage, uri) == _record(uri)
+    assert storage.work_dir(uri) == tmp_path / "store" / "stages" / "train-abc"
+    assert storage.localize(uri) == storage.work_dir(uri)
+    storage.delete_dir(uri)
+    assert read_record(storage, uri) is None
+
+
+def test_relative_and_file_roots_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Storage(".raydiff").root == str(tmp_path / ".raydiff")
+    assert Storage(f"file://{tmp_path}/x").root == str(tmp_path / "x")
+    assert is_remote("s3://bucket/p") and not is_remote("/a/b") and not is_remote("file:///a")
+
+
+def test_remote_roots_publish_and_download(tmp_path, monkeypatch):
+    """An object store stand-in: s3:// paths mapped onto a local directory through pyarrow's SubTreeFileSystem."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    fake = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    monkeypatch.setattr(Storage, "_fs", lambda self, uri: (fake, urlparse(uri).netloc + urlparse(uri).path) if is_remote(uri)
+                        else (pafs.LocalFileSystem(), uri))
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    storage = Storage("s3://bucket/pipes?endpoint_override=127.0.0.1:9000")
+    uri = storage.uri("stages", "ingest-abc")
+    assert uri == "s3://bucket/pipes/stages/ingest-abc?endpoint_override=127.0.0.1:9000"
+    work = storage.work_dir(uri)
+    assert str(work).startswith(str(tmp_path / "cache"))
+    (work / "train").mkdir(parents=True)
+    (work / "train" / "shard-000.tar").write_bytes(b"data")
+    storage.publish(work, uri)
+    write_record(storage, _record(uri))
+    assert read_record(storage, uri) == _record(uri)
+    split_uri = storage.uri("stages", "ingest-abc", "train")
+    local = storage.localize(split_uri)
+    assert (local / "shard-000.tar").read_bytes() == b"data" and local != work / "train"
