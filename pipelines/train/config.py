@@ -56,6 +56,8 @@ class TrainConfig(Frozen):
     batch_size: PositiveInt = Field(default=128, description="global batch, split evenly over workers")
     workers: PositiveInt = 2
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK", description="how Ray places the workers' bundles; STRICT_SPREAD = one worker per node")
     use_gpu: bool = False
     lr: float = Field(default=2e-4, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)

@@ -8,6 +8,8 @@ Checkpoints hold model, EMA, optimizer, LR schedule, step and data position; per
 from __future__ import annotations
 
 import itertools
+import json
+import socket
 import tempfile
 import time
 from contextlib import nullcontext
@@ -18,7 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffusion.ema import EMA
@@ -51,6 +53,25 @@ def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor.tolist()
+
+
+def worker_placements(world: int) -> list[dict[str, str]]:
+    """Where each rank runs, indexed by rank: Ray node id, hostname and node IP (gathered over the process group)."""
+    here = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address()}
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [here]
+    placements: list = [None] * world
+    dist.all_gather_object(placements, here)
+    return placements
+
+
+def placement_tags(placements: list[dict[str, str]]) -> list[RunTag]:
+    """MLflow tags naming the Ray nodes the workers ran on (per rank); a resumed run's tags show its last attempt."""
+    node_ids = [p["node_id"] for p in placements]
+    return [RunTag("raydiff.worker_nodes", json.dumps(node_ids)),
+            RunTag("raydiff.worker_hosts", json.dumps([f"{p['hostname']}/{p['ip']}" for p in placements])),
+            RunTag("raydiff.num_nodes", str(len(set(node_ids))))]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -87,9 +108,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr_schedule.load_state_dict(state["lr_schedule"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
 
+    placements = worker_placements(world)  # a collective: every rank takes part
     client = MlflowClient(tracking_uri) if rank == 0 else None
     if client is not None:
         client.log_metric(run_id, "start_step", step, step=step)
+        client.log_batch(run_id, tags=placement_tags(placements))
         print(f"[raydiff train] rank 0 of {world} starting at step {step}/{cfg.steps} on {device}", flush=True)
     val_images = None
     if rank == 0 and loop_config.get("val_dir"):

@@ -1,5 +1,6 @@
 """Ray Train training with real local Ray (2 CPU workers), real webdataset shards and a real sqlite MLflow store."""
 
+import json
 import signal
 import threading
 import time
@@ -59,6 +60,8 @@ def test_training_loss_falls_and_everything_lands_in_mlflow(digits_8x8, tmp_path
         run.data.metrics["val_prior_bpd"] + run.data.metrics["val_vb_bpd"] + run.data.metrics["val_decoder_bpd"], rel=1e-6)
     assert run.data.params["train.batch_size"] == "32" and run.data.params["unet.ch"] == "16"
     assert run.data.tags["ray_version"] and run.data.tags["git_commit"]
+    assert len(json.loads(run.data.tags["raydiff.worker_nodes"])) == 2  # one node id per rank ...
+    assert run.data.tags["raydiff.num_nodes"] == "1"  # ... both on the one local node
     artifacts = {a.path for d in ("elbo", "samples") for a in client.list_artifacts(result.run_id, d)}
     assert artifacts == {"elbo/vb_per_t_step120.png", "samples/ddpm-20_step120.png", "samples/ddim-5_step120.png"}
     mlflow.set_tracking_uri(mlflow_uri)
