@@ -105,6 +105,14 @@ def _respaced(sched: NoiseSchedule, steps: int | None, spacing: Spacing) -> Nois
     return sched.respace(spaced_timesteps(sched.num_timesteps, steps, spacing))
 
 
+def _start(sched: NoiseSchedule, steps: int | None, spacing: Spacing, shape: tuple[int, ...],
+           generator: torch.Generator | None, x_T: torch.Tensor | None, device) -> tuple[NoiseSchedule, torch.Tensor, object]:
+    """A sampling loop's (respaced schedule, x_T, device): x_T drawn from `generator` unless given."""
+    device = device or (generator.device if generator is not None else "cpu")
+    x = _randn(shape, generator, device) if x_T is None else x_T.clone()
+    return _respaced(sched, steps, spacing), x, device
+
+
 @torch.no_grad()
 def ddpm_sample(
     model: torch.nn.Module,
@@ -120,9 +128,7 @@ def ddpm_sample(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Alg. 2) from x_T ~ N(0, I) of `shape` [B, C, H, W]; `steps` < T respaces the schedule."""
-    sched = _respaced(sched, steps, spacing)
-    device = device or (generator.device if generator is not None else "cpu")
-    x = _randn(shape, generator, device) if x_T is None else x_T.clone()
+    sched, x, device = _start(sched, steps, spacing, shape, generator, x_T, device)
     n = sched.num_timesteps
     for i in reversed(range(n)):
         noise = _randn(shape, generator, device) if i > 0 else None
@@ -147,9 +153,7 @@ def ddim_sample(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """DDIM sampling on `steps` respaced steps (τ by `spacing`; "leading" is the DDIM paper's uniform τ). → [B, C, H, W]."""
-    sched = _respaced(sched, steps, spacing)
-    device = device or (generator.device if generator is not None else "cpu")
-    x = _randn(shape, generator, device) if x_T is None else x_T.clone()
+    sched, x, device = _start(sched, steps, spacing, shape, generator, x_T, device)
     n = sched.num_timesteps
     for i in reversed(range(n)):
         noise = _randn(shape, generator, device) if eta > 0 and i > 0 else None
