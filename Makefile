@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[test,bench]'
 	touch $(STAMP)
 
+# The local pipeline: ingest → train → evaluate → register → deploy, then serve until Ctrl-C.
+# Extra flags go in ARGS, e.g. make run ARGS="--set steps=500 --no-serve-wait".
 run: $(STAMP)
-	$(BIN)/raydiff info
+	$(BIN)/raydiff run $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

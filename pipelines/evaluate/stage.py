@@ -64,6 +64,8 @@ def run_evaluate(
     with tqdm(total=num_batches * model.num_timesteps, desc="bits/dim", disable=not progress) as bar:
         bpd = evaluate_bpd(model, subset, config.bpd_batch_size, config.seed, bar.update)
     result.metrics.update(bpd.metrics("test"))
+    print(f"[raydiff evaluate] test ELBO {result.metrics['test_bpd']:.3f} bits/dim on {subset.shape[0]} images",
+          flush=True)
     result.artifacts += [write_vb_per_t_csv(bpd, output_dir / "bpd_per_t.csv"),
                          plot_vb_per_t(bpd, output_dir / "bpd_per_t.png")]
 
@@ -82,6 +84,8 @@ def run_evaluate(
         result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
                              "num_samples": config.num_fid_samples, "seconds": samples.seconds,
                              "samples_per_s": samples.samples_per_s, "fid": fid, "feature_net": extract.name})
+        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (train vs test {reference_fid:.2f}), "
+              f"{samples.samples_per_s:.1f} samples/s", flush=True)
         result.metrics.update({f"fid_{spec.name}": fid, f"samples_per_s_{spec.name}": samples.samples_per_s,
                                f"sample_seconds_{spec.name}": samples.seconds})
         result.artifacts.append(save_grid(samples.images[:GRID_IMAGES], output_dir / f"samples_{spec.name}.png",

@@ -65,8 +65,11 @@ def connect_ray(spec: PipelineSpec) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
     if address == "local":
-        ray.init(address="local", num_cpus=spec.cluster.num_cpus, num_gpus=spec.cluster.num_gpus,
-                 include_dashboard=False)
+        # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
+        context = ray.init(address="local", num_cpus=spec.cluster.num_cpus, num_gpus=spec.cluster.num_gpus,
+                           include_dashboard=True, dashboard_host="127.0.0.1")
+        if context.dashboard_url:
+            print(f"[raydiff] Ray dashboard http://{context.dashboard_url}", flush=True)
         return True
     ray.init(address=address)
     return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,6 +45,7 @@ def _context(info: TaskInfo, params_json: dict, inputs: dict[str, dict]) -> Stag
 def run_stage_task(info: TaskInfo, params_json: dict, inputs: dict[str, dict]) -> dict:
     """Run the stage, publish its outputs, write its record (which completes the cache entry) and return it."""
     start = time.perf_counter()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download floods the log
     kind = load_kind(info.kind_ref)
     ctx = _context(info, params_json, inputs)
     result = kind.run(ctx)

@@ -67,7 +67,8 @@ class TrainConfig(Frozen):
     loader: Literal["webdataset", "ray_data"] = "webdataset"
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool | None = Field(default=None, description="NHWC memory format; None: on CUDA only (on CPU "
+                                       "it slows this U-Net's small convolutions ~1.8x, benchmarks/RESULTS.md)")
     checkpoint_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 20

@@ -8,6 +8,7 @@ is reopened and continued.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
     run_id = _open_run(client, output_dir, experiment_id, run_name, parent_run_id, config, unet_config)
     print(f"[raydiff train] MLflow run {run_id} ({tracking_uri})", flush=True)
 
+    # Ray Train re-emits every print of a worker through its logger, which doubles each progress line on the
+    # driver; workers inherit this (Ray Train propagates RAY_TRAIN_* variables set here).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
