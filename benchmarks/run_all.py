@@ -95,9 +95,8 @@ def write_results(results: dict, path: Path) -> None:
     profiles = results["benchmarks"].get("profile_train", {}).get("profiles", {})
     if profiles:
         lines += ["", "## Profile of the slowest stage (training step, torch.profiler, CPU)", "",
-                  "Training's step kept channels-last (NHWC) tensors on CPU, and oneDNN reordered them at every "
-                  "convolution; it now uses NCHW on CPU (channels-last stays on CUDA). Top operators by self CPU "
-                  "time, before (channels_last) and after (contiguous):", "",
+                  "Convolutions dominate the step in both memory layouts; channels-last (what training uses) "
+                  "against NCHW is the `profile_train` row above. Top operators by self CPU time:", "",
                   "| layout | operator | share | ms/step |", "|---|---|---:|---:|"]
         for layout, ops in profiles.items():
             lines += [f"| {layout} | `{op['op']}` | {op['share']:.0%} | {op['ms_per_step']:.1f} |" for op in ops]

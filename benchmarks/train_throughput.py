@@ -70,7 +70,7 @@ def bare_loop_rate(cfg: UNetConfig, images: torch.Tensor, batch: int, steps: int
     """The same step as the Ray Train loop (L_simple, AdamW, clip, EMA) in one process over in-memory images."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = UNet(cfg)  # contiguous, as the Ray Train loop uses on CPU
+    model = UNet(cfg).to(memory_format=torch.channels_last)
     ema = EMA(model, 0.999)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
     sched = NoiseSchedule.linear()
@@ -80,7 +80,7 @@ def bare_loop_rate(cfg: UNetConfig, images: torch.Tensor, batch: int, steps: int
     def step():
         idx = perm[position[0]:position[0] + batch]
         position[0] = (position[0] + batch) % (images.shape[0] - batch)
-        loss = l_simple(model, sched, images[idx])
+        loss = l_simple(model, sched, images[idx].contiguous(memory_format=torch.channels_last))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

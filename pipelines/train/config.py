@@ -67,8 +67,8 @@ class TrainConfig(Frozen):
     loader: Literal["webdataset", "ray_data"] = "webdataset"
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     compile: bool = False
-    channels_last: bool | None = Field(default=None, description="NHWC memory format; None: on CUDA only (on CPU "
-                                       "it slows this U-Net's small convolutions ~1.8x, benchmarks/RESULTS.md)")
+    channels_last: bool = Field(default=True, description="NHWC memory format (faster on CPU too: "
+                                                        "benchmarks/profile_train.py)")
     checkpoint_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
     log_every: PositiveInt = 20

@@ -84,8 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     per_worker_batch = cfg.batch_size // world
     sched = NoiseSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps)
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     unet = UNet(unet_config).to(device=device, memory_format=memory_format)
