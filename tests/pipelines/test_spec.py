@@ -41,7 +41,7 @@ def test_valid_spec_with_vars_and_generic_fields():
     assert stage_order(spec) == ["a", "b"] and resolve_inputs(spec.stages, "b") == {"first": "a"}
     resolved = spec.resolved()["stages"]
     assert resolved["b"] == {"kind": SUM, "needs": ["a"], "retries": 0, "resources": {}, "value": 0, "note": "",
-                             "sleep": 0.0, "fail_times": 0, "log": "x"}
+                             "sleep": 0.0, "meet": [], "fail_times": 0, "log": "x"}
 
 
 def test_overrides_set_vars_stage_fields_and_top_level_fields():

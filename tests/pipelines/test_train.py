@@ -4,6 +4,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
@@ -87,6 +88,13 @@ def _train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
+def _registered_checkpoint(snapshot: Path) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_path, mlflow_uri):
     train_dir, _ = digits_8x8
     out = tmp_path / "out"
@@ -95,13 +103,13 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_pat
     thread = threading.Thread(target=lambda: outcome.setdefault(
         "result", run_training(config, train_dir, None, out, mlflow_uri, "t", "train")), daemon=True)
     thread.start()
-    # Kill once step 30 is logged: the step-20 checkpoint's report has then returned on every worker.
+    # Kill once the Ray Train controller has registered a checkpoint (its snapshot on storage names one): a report
+    # that has returned on the workers may not have reached the controller yet.
+    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    while time.time() < deadline:
-        run_id_file = out / "mlflow_run_id.txt"
-        if run_id_file.is_file() and any(s >= 30 for s, _ in metric_history(mlflow_uri, run_id_file.read_text(), "loss")):
-            break
+    while time.time() < deadline and not _registered_checkpoint(snapshot):
         time.sleep(0.5)
+    assert _registered_checkpoint(snapshot), f"no checkpoint registered in {snapshot} within 240 s"
     pids = _train_worker_pids()
     assert pids, "no Ray Train worker process found to kill"
     psutil.Process(pids[-1]).send_signal(signal.SIGKILL)
