@@ -6,7 +6,8 @@ Rows (each against a baseline measured in the same run, interleaved rounds, medi
 2. loader: `WebDatasetBatches` (the default training loader) vs a plain `torch.utils.data.DataLoader`
    (num_workers=0, the same single process) over the same PNG images decoded per item.
 3. loader: Ray Data `read_webdataset` → `iter_torch_batches` vs the same DataLoader (the alternative path).
-4. loader: `WebDatasetBatches` vs a DataLoader over images already decoded into memory (a ceiling, no target).
+4. loader: `WebDatasetBatches` with its decoded-shard cache warm (every epoch after the first, as in training)
+   vs a DataLoader over the same images already decoded into memory tensors.
 
 Usage: python -m benchmarks.ingest [--quick] [--json PATH]
 """
@@ -163,9 +164,17 @@ def main() -> None:
                 loader.set_epoch(next(epoch))
                 return epoch_rate(loader)
 
+            cached = WebDatasetBatches(urls, BATCH, seed=0, cache_mb=4096)
+            epoch_rate(cached)  # the first epoch decodes and fills the cache
+
+            def ours_cached() -> float:
+                cached.set_epoch(next(epoch))
+                return epoch_rate(cached)
+
             ray_ds = ray_image_dataset(train_dir)
             loaders = interleaved({
                 "wds": ours,
+                "wds_cached": ours_cached,
                 "ray_data": lambda: epoch_rate(ray_ds.iter_torch_batches(
                     batch_size=BATCH, drop_last=True, local_shuffle_buffer_size=2000, local_shuffle_seed=0)),
                 "dataloader": lambda: epoch_rate(torch.utils.data.DataLoader(
@@ -185,8 +194,8 @@ def main() -> None:
             loaders["dataloader"], "img/s", "≥ 0.9x"),
         Row("loader: Ray Data iter_torch_batches vs torch DataLoader (same)", loaders["ray_data"],
             loaders["dataloader"], "img/s", "≥ 0.9x"),
-        Row("loader: WebDatasetBatches vs DataLoader over in-memory tensors", loaders["wds"],
-            loaders["in_memory"], "img/s", "ceiling"),
+        Row("loader: WebDatasetBatches, decoded cache warm vs DataLoader over decoded tensors in memory",
+            loaders["wds_cached"], loaders["in_memory"], "img/s", "≥ 0.9x"),
     ]
     emit(rows, args.json, "ingest + loader throughput")
 

@@ -2,7 +2,8 @@
 when unknown); all check the manifest's sha256 of every shard they read before the first sample.
 
 - `WebDatasetBatches`: the `webdataset` package's pipeline, single-process, explicit rank/world splitting,
-  reproducible per-epoch shuffling. The default in training (see README: faster per core than Ray Data here).
+  reproducible per-epoch shuffling, optional in-memory cache of decoded shards. The default in training (see
+  README: faster per core than Ray Data here).
 - `ray_image_dataset`: `ray.data.read_webdataset` → a Dataset for `TorchTrainer(datasets=...)`; workers call
   `get_dataset_shard(...).iter_torch_batches(...)`.
 - `load_split_tensor`: a whole (or the first `limit` samples of a) split as two tensors, in manifest order.
@@ -48,14 +49,16 @@ def _verify_once(split_dir: Path) -> dict:
     return manifest
 
 
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes → uint8 array [H, W, C]."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+        array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
 def decode_pngs(pngs: Iterable[bytes]) -> np.ndarray:
     """PNG bytes → uint8 array [B, H, W, C] (all images must share one shape, as ingest guarantees)."""
-    arrays = []
-    for data in pngs:
-        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
-            array = np.asarray(image)
-        arrays.append(array[:, :, None] if array.ndim == 2 else array)
-    return np.stack(arrays)
+    return np.stack([decode_png(data) for data in pngs])
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -104,12 +107,12 @@ def _tar_files(src: Iterable[dict]) -> Iterator[dict]:
                 long_name = None
 
 
-def _samples(urls: list[str]) -> list:
-    """webdataset pipeline stages from shard urls to samples {"__key__", "png", "cls"?, "__url__"}."""
+def wds_samples(urls: list[str]) -> Iterator[dict]:
+    """Samples {"__key__", "png", "cls"?, "__url__"} of the shards, in order (a webdataset pipeline)."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys
 
-    return [wds.SimpleShardList(urls), _tar_files, group_by_keys]
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), _tar_files, group_by_keys))
 
 
 def _label(sample: dict) -> int:
@@ -120,6 +123,13 @@ def _label(sample: dict) -> int:
 def _collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     images = to_model_range(decode_pngs(s["png"] for s in samples))
     return images, torch.tensor([_label(s) for s in samples], dtype=torch.int64)
+
+
+def _stack(items: list[tuple[bytes | np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(PNG bytes or uint8 [H, W, C], label)] → (float32 [B, C, H, W] in [−1, 1], int64 [B])."""
+    payloads, labels = zip(*items)
+    images = np.stack([decode_png(p) if isinstance(p, bytes) else p for p in payloads])
+    return to_model_range(images), torch.tensor(labels, dtype=torch.int64)
 
 
 def _shard_counts(urls: list[str], verify: bool) -> list[int]:
@@ -144,21 +154,54 @@ class WebDatasetBatches:
     `world_size`-th sample of the common stream (so it works with fewer shards than ranks). Every rank yields
     the same number of samples per epoch (the smallest share), so DDP ranks take the same number of steps.
     The shard order and the sample shuffle (a `shuffle_buffer`-deep buffer) are drawn from (seed, epoch[, rank]):
-    the same seed and epoch give the same batches. Single process; iterate again after `set_epoch`.
+    the same seed and epoch give the same batches, cached or not. Single process; iterate again after `set_epoch`.
+
+    `cache_mb` > 0 keeps the decoded uint8 images of every shard this loader reads in memory, whole shards, until
+    their total would pass `cache_mb`: those shards are neither read nor decoded again. Ranks draw new shards each
+    epoch, so a rank's cache can grow to the whole split (the budget bounds it).
     """
 
     SHARDS_PER_RANK = 4
 
     def __init__(self, urls: list[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 2000, drop_last: bool = True, verify: bool = True):
+                 shuffle_buffer: int = 2000, drop_last: bool = True, verify: bool = True, cache_mb: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if not urls:
             raise ValueError("WebDatasetBatches got no shard urls")
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.urls, self.batch_size, self.seed = list(urls), int(batch_size), int(seed)
         self.rank, self.world_size, self.shuffle_buffer, self.drop_last = rank, world_size, shuffle_buffer, drop_last
         self.counts = _shard_counts(self.urls, verify)
         self.epoch = 0
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: dict[str, tuple[np.ndarray, list[int]]] = {}  # url → (uint8 [N, H, W, C], labels)
+
+    @property
+    def cached_shards(self) -> int:
+        return len(self._cache)
+
+    def _items(self, urls: list[str]) -> Iterator[tuple[bytes | np.ndarray, int]]:
+        """(PNG bytes, label) per sample in shard order; (uint8 [H, W, C], label) for shards decoded here."""
+        cached_bytes = sum(images.nbytes for images, _ in self._cache.values())
+        for url in urls:
+            if url in self._cache:
+                images, labels = self._cache[url]
+                yield from zip(images, labels)
+                continue
+            samples = wds_samples([url])
+            if cached_bytes >= self.cache_bytes:  # cache off or full: PNG bytes, decoded per batch
+                yield from ((s["png"], _label(s)) for s in samples)
+                continue
+            samples = list(samples)
+            if not samples:
+                continue
+            images, labels = decode_pngs(s["png"] for s in samples), [_label(s) for s in samples]
+            if cached_bytes + images.nbytes <= self.cache_bytes:
+                self._cache[url] = images, labels
+            cached_bytes += images.nbytes
+            yield from zip(images, labels)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -181,14 +224,14 @@ class WebDatasetBatches:
         import webdataset as wds
 
         urls, by_sample, per_rank = self._plan()
-        stages = _samples(urls)
+        stages = [lambda: self._items(urls)]
         if by_sample:
             rank, world = self.rank, self.world_size
             stages.append(lambda src: itertools.islice(src, rank, None, world))
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}")
         stages += [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
                    lambda src: itertools.islice(src, per_rank),
-                   wds.batched(self.batch_size, collation_fn=_collate, partial=not self.drop_last)]
+                   wds.batched(self.batch_size, collation_fn=_stack, partial=not self.drop_last)]
         return iter(wds.DataPipeline(*stages))
 
 
@@ -221,12 +264,10 @@ def ray_image_dataset(split_dir: str | Path):
 def load_split_tensor(split_dir: str | Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 [N, C, H, W] in [−1, 1], labels int64 [N]) of the first `limit` (default all) samples,
     in manifest order. N = 0 gives images of shape [0, C, size, size] from the manifest's image spec."""
-    import webdataset as wds
-
     split_dir = Path(split_dir).resolve()
     manifest = _verify_once(split_dir)
     urls = shard_urls(split_dir)
-    samples = list(itertools.islice(wds.DataPipeline(*_samples(urls)), limit)) if urls and limit != 0 else []
+    samples = list(itertools.islice(wds_samples(urls), limit)) if urls and limit != 0 else []
     if not samples:
         spec = manifest["image"]
         return torch.zeros(0, spec["channels"], spec["size"], spec["size"]), torch.zeros(0, dtype=torch.int64)

@@ -65,6 +65,8 @@ class TrainConfig(Frozen):
     grad_clip: float = Field(default=1.0, gt=0.0)
     seed: int = 0
     loader: Literal["webdataset", "ray_data"] = "webdataset"
+    loader_cache_mb: float = Field(default=1024.0, ge=0.0, description="webdataset loader: decoded shards each worker "
+                                   "keeps in memory after its first epoch; 0 = read and decode every epoch")
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     compile: bool = False
     channels_last: bool = Field(default=True, description="NHWC memory format (faster on CPU too: "

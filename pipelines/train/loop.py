@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -33,18 +33,25 @@ from pipelines.train.config import TrainConfig
 from pipelines.train.monitor import heldout_elbo, memory_metrics, sample_grids
 
 
-def epoch_batches(cfg: TrainConfig, train_dir: str, epoch: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:
-    """This worker's images for one epoch: [batch, C, H, W] float32 in [−1, 1], a disjoint subset per rank."""
+def batches_per_epoch(cfg: TrainConfig, train_dir: str, rank: int, world: int,
+                      batch: int) -> Callable[[int], Iterator[torch.Tensor]]:
+    """epoch → this worker's images for that epoch: [batch, C, H, W] float32 in [−1, 1], a disjoint subset per rank.
+
+    One loader serves every epoch, so the webdataset loader's decoded-shard cache lasts the whole run."""
     if cfg.loader == "webdataset":
         from pipelines.ingest.reader import WebDatasetBatches, shard_urls
 
-        loader = WebDatasetBatches(shard_urls(train_dir), batch, seed=cfg.seed, rank=rank, world_size=world, drop_last=True)
-        loader.set_epoch(epoch)
-        return (images for images, _labels in loader)
+        loader = WebDatasetBatches(shard_urls(train_dir), batch, seed=cfg.seed, rank=rank, world_size=world,
+                                   drop_last=True, cache_mb=cfg.loader_cache_mb)
+
+        def webdataset_epoch(epoch: int) -> Iterator[torch.Tensor]:
+            loader.set_epoch(epoch)
+            return (images for images, _labels in loader)
+
+        return webdataset_epoch
     shard = ray.train.get_dataset_shard("train")
-    return (b["image"] for b in shard.iter_torch_batches(batch_size=batch, drop_last=True,
-                                                         local_shuffle_buffer_size=4 * batch,
-                                                         local_shuffle_seed=cfg.seed + epoch))
+    return lambda epoch: (b["image"] for b in shard.iter_torch_batches(
+        batch_size=batch, drop_last=True, local_shuffle_buffer_size=4 * batch, local_shuffle_seed=cfg.seed + epoch))
 
 
 def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
@@ -148,12 +155,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             })
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
+    epoch_images = batches_per_epoch(cfg, loop_config["train_dir"], rank, world, per_worker_batch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     loss_sum, grad_sum, interval_steps, interval_start = 0.0, 0.0, 0, time.perf_counter()
     model.train()
     while step < cfg.steps:
-        batches = itertools.islice(epoch_batches(cfg, loop_config["train_dir"], epoch, rank, world, per_worker_batch),
-                                   batch_in_epoch, None)
+        batches = itertools.islice(epoch_images(epoch), batch_in_epoch, None)
         consumed_any = False
         for images in batches:
             consumed_any = True

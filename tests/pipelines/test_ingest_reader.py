@@ -73,6 +73,52 @@ def test_shuffle_is_reproducible_per_seed_and_epoch(splits):
     assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)
 
 
+def _epochs(loader: WebDatasetBatches, epochs) -> list[list]:
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out.append([(ids(x), y.tolist()) for x, y in loader])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["many", "few"])
+def test_decoded_cache_gives_the_same_batches_as_decoding(splits, layout):
+    urls = shard_urls(splits[layout])
+    for rank in range(2):
+        args = dict(batch_size=4, seed=3, rank=rank, world_size=2, shuffle_buffer=16)
+        cached = WebDatasetBatches(urls, **args, cache_mb=1)
+        assert _epochs(cached, range(4)) == _epochs(WebDatasetBatches(urls, **args), range(4))
+        assert 0 < cached.cached_shards <= len(urls)
+
+
+def test_warm_decoded_cache_reads_no_shard_file(splits, tmp_path):
+    urls = shard_urls(splits["many"])
+    plain = WebDatasetBatches(urls, batch_size=4, seed=3, shuffle_buffer=16)
+    cached = WebDatasetBatches(urls, batch_size=4, seed=3, shuffle_buffer=16, cache_mb=1)
+    expected = _epochs(plain, range(3))
+    assert _epochs(cached, [0]) == expected[:1] and cached.cached_shards == len(urls)
+    moved = [tmp_path / Path(u).name for u in urls]
+    for url, to in zip(urls, moved):
+        Path(url).rename(to)
+    try:
+        assert _epochs(cached, [1, 2]) == expected[1:]
+        with pytest.raises(FileNotFoundError):
+            list(plain)
+    finally:
+        for url, to in zip(urls, moved):
+            to.rename(url)
+
+
+def test_decoded_cache_stops_at_its_budget(splits):
+    urls = shard_urls(splits["many"])  # 8 shards of 6 images of 16 bytes: 96 bytes each
+    loader = WebDatasetBatches(urls, batch_size=4, seed=0, cache_mb=300 / 2**20)
+    assert sorted(i for x, _ in loader for i in ids(x)) == list(range(N))
+    assert loader.cached_shards == 3
+    assert sorted(i for x, _ in loader for i in ids(x)) == list(range(N))
+    with pytest.raises(ValueError, match="cache_mb"):
+        WebDatasetBatches(urls, batch_size=4, seed=0, cache_mb=-1)
+
+
 def test_tensor_layout_range_and_split_tensor(splits):
     images, labels = next(iter(WebDatasetBatches(shard_urls(splits["many"]), batch_size=8, seed=0)))
     assert images.shape == (8, 1, 4, 4) and images.dtype == torch.float32 and labels.dtype == torch.int64
