@@ -161,7 +161,7 @@ def main() -> int:
         if json_path.is_file():  # also a missed target's numbers
             data = json.loads(json_path.read_text())
         else:
-            data = {k: v for k, v in previous.get(name, {}).items() if args.from_results}
+            data = previous.get(name, {}) if args.from_results else {}
         results["benchmarks"][name] = {**data, **run}
         if run["exit_code"] != 0:
             failed.append(name)

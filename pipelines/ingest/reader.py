@@ -120,11 +120,6 @@ def _label(sample: dict) -> int:
     return -1 if value is None else int(value)
 
 
-def _collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = to_model_range(decode_pngs(s["png"] for s in samples))
-    return images, torch.tensor([_label(s) for s in samples], dtype=torch.int64)
-
-
 def _stack(items: list[tuple[bytes | np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """[(PNG bytes or uint8 [H, W, C], label)] → (float32 [B, C, H, W] in [−1, 1], int64 [B])."""
     payloads, labels = zip(*items)
@@ -271,4 +266,4 @@ def load_split_tensor(split_dir: str | Path, limit: int | None = None) -> tuple[
     if not samples:
         spec = manifest["image"]
         return torch.zeros(0, spec["channels"], spec["size"], spec["size"]), torch.zeros(0, dtype=torch.int64)
-    return _collate(samples)
+    return _stack([(s["png"], _label(s)) for s in samples])
