@@ -10,16 +10,11 @@ import math
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffusion.images import grid_canvas, to_uint8
+
 
 class ImageDecodeError(ValueError):
     """An uploaded image that is not a decodable image of the expected shape (the message says which)."""
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, C, H, W] float in [−1, 1] (clipped) → uint8 [N, H, W, C], u = round((x + 1) · 127.5)."""
-    assert images.ndim == 4, f"expected [N, C, H, W], got {images.shape}"
-    u = np.rint((np.clip(images.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return u.transpose(0, 2, 3, 1)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -40,15 +35,7 @@ def png_list(images: np.ndarray) -> list[str]:
 
 def grid_png(images: np.ndarray, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> bytes:
     """[N, C, H, W] in [−1, 1] → one PNG with `nrow` images per row (default ⌈√N⌉), framed by `padding` pixels."""
-    pixels = to_uint8(images)
-    n, h, w, c = pixels.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    ncol, rows = min(nrow, n), math.ceil(n / nrow)
-    canvas = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8)
-    for k in range(n):
-        top, left = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
-        canvas[top:top + h, left:left + w] = pixels[k]
-    return _png(canvas)
+    return _png(grid_canvas(to_uint8(images), nrow or math.ceil(math.sqrt(images.shape[0])), padding, pad_value))
 
 
 def npy_bytes(images: np.ndarray) -> bytes:
