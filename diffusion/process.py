@@ -43,21 +43,26 @@ def q_posterior(
     return mean, variance, log_variance
 
 
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar) -> torch.Tensor:
+    """x̂_0 = (x_t − √(1 − ᾱ) ε) / √ᾱ, inverting eq. 4; ᾱ a float or a tensor broadcastable to x_t [B, ...]."""
+    return (x_t - (1.0 - abar) ** 0.5 * eps) / abar**0.5
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar) -> torch.Tensor:
+    """ε = (x_t − √ᾱ x_0) / √(1 − ᾱ), inverting eq. 4; ᾱ a float or a tensor broadcastable to x_t [B, ...]."""
+    return (x_t - abar**0.5 * x0) / (1.0 - abar) ** 0.5
+
+
 def predict_x0(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, inverting eq. 4. All [B, ...]."""
+    """x̂_0 from ε at schedule indices t: [B]; x_t, eps: [B, ...]."""
     _check(x_t, t)
-    return (
-        sched.to_tensor("sqrt_recip_alphas_cumprod", t, x_t.ndim, x_t.dtype) * x_t
-        - sched.to_tensor("sqrt_recipm1_alphas_cumprod", t, x_t.ndim, x_t.dtype) * eps
-    )
+    return x0_from_eps(x_t, eps, sched.to_tensor("alphas_cumprod", t, x_t.ndim, torch.float64)).to(x_t.dtype)
 
 
 def predict_eps(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), inverting eq. 4. All [B, ...]."""
+    """ε from x_0 at schedule indices t: [B]; x_t, x0: [B, ...]."""
     _check(x_t, t)
-    return (sched.to_tensor("sqrt_recip_alphas_cumprod", t, x_t.ndim, x_t.dtype) * x_t - x0) / sched.to_tensor(
-        "sqrt_recipm1_alphas_cumprod", t, x_t.ndim, x_t.dtype
-    )
+    return eps_from_x0(x_t, x0, sched.to_tensor("alphas_cumprod", t, x_t.ndim, torch.float64)).to(x_t.dtype)
 
 
 def model_timesteps(sched: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:

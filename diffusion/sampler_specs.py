@@ -1,0 +1,109 @@
+"""The samplers' catalog: names, options (defaults, bounds), default spacing and step count. Plain data, no torch.
+
+`diffusion.samplers.SAMPLERS` holds an implementation under each name here. Readers that must not load torch (the
+HTTP ingress) and those that only list or validate (the CLI, the page, the pipeline spec) read this catalog.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SPACINGS = ("linspace", "leading", "trailing", "quadratic")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One sampler option: its default and what values it takes (`choices`, or numeric bounds ge/le)."""
+
+    default: Any
+    description: str
+    choices: tuple | None = None
+    ge: float | None = None
+    le: float | None = None
+
+    def check(self, name: str, value: Any) -> Any:
+        """`value` if valid for this option, else ValueError naming the option."""
+        kind = type(self.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"option {name!r} must be a {kind.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"option {name!r} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+        if (self.ge is not None and value < self.ge) or (self.le is not None and value > self.le):
+            raise ValueError(f"option {name!r} must be in [{self.ge}, {self.le}], got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler as callers see it.
+
+    default_steps  reverse steps when none are asked for: an int, capped at T, or None for all T steps
+    calls_per_step model calls (NFE) per reverse step
+    """
+
+    name: str
+    description: str
+    options: dict[str, OptionSpec]
+    default_steps: int | None = 50
+    calls_per_step: int = 1
+    paper: str = ""
+    fields: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", tuple(sorted(self.options)))
+
+    def steps_for(self, T: int, steps: int | None = None) -> int:
+        """The number of reverse steps for a model with T steps; `steps` outside [1, T] is a ValueError."""
+        if steps is None:
+            return T if self.default_steps is None else min(self.default_steps, T)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}] for this model, got {steps}")
+        return steps
+
+    def model_calls(self, steps: int) -> int:
+        """NFE of a run of `steps` reverse steps."""
+        return steps * self.calls_per_step
+
+    def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every option of this sampler, the given ones checked and the rest at their defaults. An option this
+        sampler does not take is a ValueError that names it and the samplers that do take it."""
+        for name in options:
+            if name not in self.options:
+                takers = [s.name for s in SAMPLER_SPECS.values() if name in s.options]
+                where = f"applies only to sampler(s) {', '.join(takers)}" if takers else "is not a sampler option"
+                raise ValueError(f"option {name!r} {where}; sampler {self.name!r} takes {', '.join(self.fields)}")
+        return {name: spec.check(name, options[name]) if name in options else spec.default
+                for name, spec in self.options.items()}
+
+
+def _clip() -> OptionSpec:
+    return OptionSpec(True, "clip the predicted x_0 to [-1, 1] at every step")
+
+
+def _spacing(default: str) -> OptionSpec:
+    return OptionSpec(default, "which original timesteps a respaced run visits", choices=SPACINGS)
+
+
+SAMPLER_SPECS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(
+        "ddpm", "ancestral sampling of the reverse Markov chain", default_steps=None,
+        paper="Ho et al. 2020, Alg. 2",
+        options={"variance": OptionSpec("small", "σ_t² = β̃_t (small) or β_t (large)", choices=("small", "large")),
+                 "clip_x0": _clip(), "spacing": _spacing("linspace")}),
+    "ddim": SamplerSpec(
+        "ddim", "implicit sampler; deterministic at eta = 0", default_steps=50, paper="Song et al. 2021, eq. 12",
+        options={"eta": OptionSpec(0.0, "stochasticity η (0 = deterministic, 1 = DDPM posterior variance)",
+                                   ge=0.0, le=1.0),
+                 "clip_x0": _clip(), "spacing": _spacing("leading")}),
+}
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_SPECS)
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The catalog entry of `name`; an unknown name is a ValueError listing the known ones."""
+    if name not in SAMPLER_SPECS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
+    return SAMPLER_SPECS[name]

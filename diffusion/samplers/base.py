@@ -1,0 +1,88 @@
+"""What every sampler is: a catalog entry plus `start` / `model_input` / `step`, so a caller can advance any sampler
+one model call at a time (the serving engine batches many trajectories into each call) without branching on its name.
+
+    state = sampler.start(sched, x_T, steps, **options)
+    while not state.done:
+        x, t = sampler.model_input(state)          # where and when the model is evaluated next
+        sampler.step(state, model(x, t), generator)
+
+A sampler object holds no per-run data: everything a run needs (its respaced schedule, current x, index, options and,
+for multistep methods, their history) lives in its `SamplerState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from diffusion.sampler_specs import SamplerSpec
+from diffusion.schedule import NoiseSchedule, spaced_timesteps
+
+Progress = Callable[[int, int], None]
+
+
+@lru_cache(maxsize=128)
+def respaced(sched: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
+    """`sched` restricted to `steps` timesteps chosen by `spacing` (itself when steps = T). Cached per schedule."""
+    if steps == sched.num_timesteps:
+        return sched
+    return sched.respace(spaced_timesteps(sched.num_timesteps, steps, spacing))
+
+
+@dataclass(eq=False)
+class SamplerState:
+    """One batch's reverse process in flight.
+
+    sched    the (respaced) schedule walked from index num_timesteps − 1 down to 0
+    x        [B, C, H, W] the current sample
+    i        index in `sched` of the next reverse step; −1 once finished
+    options  the sampler's options, resolved against its catalog entry
+    nfe      model calls so far
+    memory   what a multistep method carries between calls (empty for one-step methods)
+    """
+
+    sched: NoiseSchedule
+    x: torch.Tensor
+    i: int
+    options: dict[str, Any]
+    nfe: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.i < 0
+
+
+def draw_noise(state: SamplerState, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like state.x, drawn from `generator` on the generator's device, then moved to x's device
+    (so a CPU generator gives the same noise whatever device samples)."""
+    device = generator.device if generator is not None else state.x.device
+    return torch.randn(state.x.shape, generator=generator, device=device).to(state.x.device)
+
+
+class Sampler:
+    """Base of the registered samplers; subclasses set `spec` and implement `step`."""
+
+    spec: SamplerSpec
+
+    def start(self, sched: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None, **options) -> SamplerState:
+        """A run at its first reverse step from x_T: [B, C, H, W]; `steps` < T respaces by the `spacing` option."""
+        resolved = self.spec.resolve(options)
+        steps = self.spec.steps_for(sched.num_timesteps, steps)
+        walk = respaced(sched, steps, resolved.get("spacing", "linspace"))
+        return SamplerState(walk, x_T, walk.num_timesteps - 1, resolved)
+
+    def model_input(self, state: SamplerState) -> tuple[torch.Tensor, int]:
+        """(x [B, C, H, W], t in ORIGINAL timestep units) at which the next model call evaluates ε."""
+        return state.x, int(state.sched.timesteps[state.i])
+
+    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+        """Advance `state` with the model's ε at `model_input(state)`; noise comes from `generator`."""
+        raise NotImplementedError
+
+    def total_calls(self, state: SamplerState) -> int:
+        """The NFE this run takes in all."""
+        return self.spec.model_calls(state.sched.num_timesteps)

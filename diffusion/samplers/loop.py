@@ -1,0 +1,88 @@
+"""One entry point for every registered sampler, and the paper-named loops kept as thin forms of it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from diffusion.samplers.base import Progress
+from diffusion.schedule import NoiseSchedule, Spacing
+
+
+def model_eps(model: torch.nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+    """ε̂ = model(x, t) with t (ORIGINAL units) broadcast to [B]; checks the output's shape. x: [B, C, H, W]."""
+    eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+    assert eps.shape == x.shape, f"model output {tuple(eps.shape)} != input {tuple(x.shape)}"
+    return eps.to(x.dtype)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    sched: NoiseSchedule,
+    shape: tuple[int, ...],
+    sampler: str = "ddim",
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    **options,
+) -> torch.Tensor:
+    """x_0 [B, C, H, W] from the sampler registered as `sampler`, on `steps` reverse steps (its default if None).
+
+    x_T ~ N(0, I) of `shape` is drawn from `generator` (on its device, or `device`) unless given; every later draw
+    comes from the same generator, so a seed reproduces its samples. `options` are the sampler's (see
+    `diffusion.sampler_specs`); one it does not take is a ValueError. `progress(calls done, calls in all)` runs after
+    each model call.
+    """
+    from diffusion.samplers.registry import get_sampler
+
+    impl = get_sampler(sampler)
+    device = device or (generator.device if generator is not None else "cpu")
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
+    state = impl.start(sched, x, steps, **options)
+    total = impl.total_calls(state)
+    while not state.done:
+        x_in, t = impl.model_input(state)
+        impl.step(state, model_eps(model, x_in, t), generator)
+        if progress is not None:
+            progress(state.nfe, total)
+    return state.x
+
+
+def ddpm_sample(
+    model: torch.nn.Module,
+    sched: NoiseSchedule,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    steps: int | None = None,
+    variance: Literal["small", "large"] = "small",
+    clip_x0: bool = True,
+    spacing: Spacing = "linspace",
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling (Alg. 2) from x_T ~ N(0, I) of `shape` [B, C, H, W]; `steps` < T respaces the schedule."""
+    return sample(model, sched, shape, "ddpm", steps, generator, x_T, device, progress, variance=variance,
+                  clip_x0=clip_x0, spacing=spacing)
+
+
+def ddim_sample(
+    model: torch.nn.Module,
+    sched: NoiseSchedule,
+    shape: tuple[int, ...],
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_x0: bool = True,
+    spacing: Spacing = "leading",
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """DDIM sampling on `steps` respaced steps (τ by `spacing`; "leading" is the DDIM paper's uniform τ). → [B, C, H, W]."""
+    return sample(model, sched, shape, "ddim", steps, generator, x_T, device, progress, eta=eta, clip_x0=clip_x0,
+                  spacing=spacing)
