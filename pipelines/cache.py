@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipelines.runner.storage import join_uri
-from pipelines.stages.kind import StageKind, StageRecord
+from pipelines.hashing import hash_json, sha256_file
+from pipelines.stage import StageKind, StageRecord
+from pipelines.storage import join_uri
 
 KEY_CHARS = 20
 RECORD_FILE = "raydiff-stage.json"
@@ -37,14 +37,14 @@ def code_version(kind: StageKind) -> str:
     for module_name in modules:
         for path in _source_files(module_name):
             digest.update(f"{module_name}:{path.name}\0".encode())
-            digest.update(path.read_bytes())
+            sha256_file(path, digest)
     return digest.hexdigest()
 
 
 def stage_key(kind: StageKind, params: dict[str, Any], input_hashes: dict[str, str]) -> str:
     """input_hashes: upstream stage name → that stage's output content hash."""
     payload = {"kind": kind.name, "code": code_version(kind), "params": params, "inputs": input_hashes}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return hash_json(payload)
 
 
 def stage_dir_name(kind: StageKind, key: str) -> str:

@@ -7,17 +7,66 @@
     raydiff ui [configs/local.yaml] [--port 5000]
     raydiff serve --model-uri models:/digits-ddpm@champion / raydiff sample --url http://127.0.0.1:8000
     raydiff info
+
+Further commands (`serve`, `sample`) come from the entry-point group "raydiff.commands": each entry is a function
+called with the subparsers object.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_PIPELINE = "configs/local.yaml"
+COMMANDS_GROUP = "raydiff.commands"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (raised in the main thread by `stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into `Stopped`; later ones are ignored, so the shutdown they started ends
+    cleanly. Ray's own SIGTERM handling (an exit with a native stack dump) stays out of the way."""
+    stopping: list[int] = []
+
+    def stop(signum: int, frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def shutdown_ray(started_here: bool) -> None:
+    """Leave Ray: a local instance this process started goes down with its Serve applications; a cluster that was
+    joined is only disconnected from."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if started_here:
+        from ray import serve
+
+        serve.shutdown()
+    ray.shutdown()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -60,31 +109,42 @@ def summary(result) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the pipeline, then serve its endpoint until SIGINT/SIGTERM when it started a local Ray. A signal during the
+    run marks the MLflow runs KILLED (the next run resumes) and exits 128 + signal; one while serving exits 0."""
     from pipelines.runner.execute import PipelineFailed, Runner
 
     spec = _load(args)
     runner = Runner(spec, no_cache=args.no_cache)
-    try:
-        result = runner.run()
-    except PipelineFailed as failure:
-        print(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}", file=sys.stderr)
-        print(f"  run id    {failure.result.run_id}\n  MLflow    {failure.result.mlflow_url}", file=sys.stderr)
-        return 1
-    print("\n".join(summary(result)), flush=True)
-    endpoints = result.values_of_kind("deploy", "url")
-    if endpoints and runner.started_ray and not args.no_serve_wait:
-        print(f"[raydiff] serving {endpoints[0]} from this process's Ray instance; Ctrl-C stops it "
-              "(--no-serve-wait exits right after deploying)", flush=True)
+    with stop_on_signals():
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("[raydiff] stopping", flush=True)
+            result = runner.run()
+        except PipelineFailed as failure:
+            print(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}", file=sys.stderr)
+            print(f"  run id    {failure.result.run_id}\n  MLflow    {failure.result.mlflow_url}", file=sys.stderr)
+            return 1
+        except Stopped as stop:
+            print(f"[raydiff] {stop}: pipeline {spec.name!r} stopped, its MLflow runs marked KILLED; run it again to "
+                  "resume", file=sys.stderr, flush=True)
+            shutdown_ray(runner.started_ray)
+            return 128 + stop.signum
+        endpoints = result.values_of_kind("deploy", "url")
+        serving = bool(endpoints) and runner.started_ray and not args.no_serve_wait
+        try:
+            print("\n".join(summary(result)), flush=True)
+            if serving:
+                print(f"[raydiff] serving {endpoints[0]} from this process's Ray instance; Ctrl-C stops it "
+                      "(--no-serve-wait exits right after deploying)", flush=True)
+                while True:
+                    time.sleep(3600)
+        except Stopped as stop:
+            print(f"[raydiff] {stop}: stopping", flush=True)
+        if serving:
+            shutdown_ray(True)
     return 0
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
-    from pipelines.dag import render_mermaid, render_png, render_text
+    from pipelines.dag_render import render_mermaid, render_png, render_text
 
     spec = _load(args)
     if args.format == "png":
@@ -216,9 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
 
-    from services.client_cli import add_commands
-
-    add_commands(sub)  # serve, sample
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 

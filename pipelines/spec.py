@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from pipelines.dag import check_graph
+from pipelines.kinds import KindError, load_kind
+from pipelines.strict import StrictConfig
 
 GENERIC_STAGE_FIELDS = ("kind", "needs", "resources", "retries")
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -39,28 +43,24 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrackingSpec(Strict):
+class TrackingSpec(StrictConfig):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides; None = sqlite:///mlruns.db")
     experiment: str = "raydiff"
 
 
-class StorageSpec(Strict):
+class StorageSpec(StrictConfig):
     root: str = Field(".raydiff", description="where stage outputs live: a local dir (relative to the working dir) "
                                               "or a pyarrow.fs URI such as s3://bucket/prefix")
 
 
-class ClusterSpec(Strict):
+class ClusterSpec(StrictConfig):
     address: str = Field("local", description="'local' starts a Ray instance; 'auto' or ray://… attaches to one. "
                                               "RAY_ADDRESS (set inside Ray jobs) overrides")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray instance")
     num_gpus: int | None = Field(None, ge=0)
 
 
-class Resources(Strict):
+class Resources(StrictConfig):
     """What the stage's own Ray task holds. Orchestrating stages (ingest, train) hold no CPU, so the Ray Data and
     Ray Train workers they start can be scheduled."""
 
@@ -68,7 +68,7 @@ class Resources(Strict):
     num_gpus: float | None = Field(None, ge=0)
 
 
-class PipelineFile(Strict):
+class PipelineFile(StrictConfig):
     """The file's top level; stages are validated separately, per kind."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -232,8 +232,6 @@ def format_validation_error(error: ValidationError, prefix: str) -> list[str]:
 
 
 def _validate_stage(name: str, raw: Any, errors: list[str]) -> StageSpec | None:
-    from pipelines.stages import KindError, load_kind
-
     where = f"stages.{name}"
     if not STAGE_NAME.match(str(name)):
         errors.append(f"{where}: stage names start with a letter and use letters, digits, '-' and '_'")
@@ -288,8 +286,6 @@ def _validate_stage(name: str, raw: Any, errors: list[str]) -> StageSpec | None:
 def build_spec(raw: Any, overrides: list[str] | tuple[str, ...] = (), source: str = "pipeline", source_text: str = "",
                source_path: str | None = None) -> PipelineSpec:
     """Validate a parsed pipeline (a dict) into a PipelineSpec, including the DAG checks."""
-    from pipelines.dag import check_graph
-
     if not isinstance(raw, dict):
         raise SpecError([f"expected a mapping at the top level, got {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides)

@@ -53,7 +53,7 @@ def find_token(address: str, token: str | None = None) -> str | None:
 
 def job_local_paths(spec) -> list[str]:
     """Relative local paths in the spec: inside a job they land in its working dir, which Ray deletes afterwards."""
-    from pipelines.runner.storage import is_remote
+    from pipelines.storage import is_remote
     from pipelines.tracking import DEFAULT_TRACKING_URI
 
     warnings = []

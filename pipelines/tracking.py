@@ -1,23 +1,58 @@
-"""MLflow conventions shared by every stage: where the tracking store is and what every run is tagged with."""
+"""MLflow conventions shared by every stage: where the tracking store is, what every run is tagged with, how nested
+configuration becomes params."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+MAX_PARAM_CHARS = 6000
+
+
+def absolute_sqlite(uri: str) -> str:
+    """A relative sqlite path made absolute (Ray workers and Serve replicas have other working directories)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
-    """MLFLOW_TRACKING_URI wins over the pipeline file; a relative sqlite path becomes absolute (Ray workers have
-    other working directories)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    """MLFLOW_TRACKING_URI wins over the pipeline file; a relative sqlite path becomes absolute."""
+    return absolute_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} → {"a.b": "1"}: nested configuration as MLflow params (values cut to MAX_PARAM_CHARS)."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            flat[name] = text[:MAX_PARAM_CHARS]
+    return flat
+
+
+@contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (register_model, pytorch.load_model) reads a process-global URI, and setting it also sets
+    MLFLOW_TRACKING_URI in os.environ; restore both afterwards so no later code in this process inherits it."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

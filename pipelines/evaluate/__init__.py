@@ -2,7 +2,7 @@
 quality/time table (Song et al. 2021, Table 1), with plots and sample grids written as files.
 
 config.py     EvaluateConfig (frozen pydantic)
-stage.py      run_evaluate: the stage entry point the pipeline runner calls
+stage.py      run_evaluate, and KIND: the stage the pipeline runner calls (loads the model and the splits)
 sampling.py   "name-steps" sampler strings and timed, seeded sample generation
 bpd.py        batched nll_bpd over test images and the per-t L_{t−1} curve
 frechet.py    Gaussian statistics of features and the Fréchet distance (pytorch-fid conventions)

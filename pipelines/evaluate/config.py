@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.evaluate.sampling import parse_sampler
+from pipelines.strict import StrictConfig
 
 
-class EvaluateConfig(BaseModel):
+class EvaluateConfig(StrictConfig):
     """bits/dim on bpd_batches × bpd_batch_size test images; FID of num_fid_samples per sampler against test images.
 
     samplers             "<ddpm|ddim>-<steps>" strings, one table row each (DDIM with η = 0)
@@ -18,8 +19,6 @@ class EvaluateConfig(BaseModel):
     feature_cache_dir    where the digits feature net is cached; None means ~/.cache/raydiff
     sample_batch_size    images per sampler call and per feature-network call
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     bpd_batches: int = Field(4, ge=1)
     bpd_batch_size: int = Field(64, ge=1)

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """images [N, C, H, W] float in [−1, 1] (clamped) → uint8 [N, H, W, C] with u = round((x + 1) · 127.5)."""
-    assert images.ndim == 4, f"expected [N, C, H, W], got {tuple(images.shape)}"
-    u = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return u.permute(0, 2, 3, 1).cpu().numpy()
+from diffusion.images import grid_canvas, to_uint8
 
 
 def save_grid(
@@ -30,13 +23,8 @@ def save_grid(
     if nrow < 1 or scale < 1 or padding < 0:
         raise ValueError(f"save_grid needs nrow >= 1, scale >= 1, padding >= 0; got {nrow}, {scale}, {padding}")
     pixels = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)  # [N, H·s, W·s, C]
-    n, h, w, c = pixels.shape
-    ncol, rows = min(nrow, n), math.ceil(n / nrow)
-    canvas = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8)
-    for k in range(n):
-        top, left = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
-        canvas[top:top + h, left:left + w] = pixels[k]
+    canvas = grid_canvas(pixels, nrow, padding, pad_value)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)  # uint8 2-D → "L", [H, W, 3] → "RGB"
+    Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas).save(path)  # 2-D → "L", [H, W, 3] → "RGB"
     return path

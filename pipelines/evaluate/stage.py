@@ -1,7 +1,8 @@
 """The evaluate stage: bits/dim on held-out images, then for every sampler M seeded samples, their wall time and
 their FID against the held-out images, written as a table, plots and sample grids.
 
-Returns metrics and artifact paths; the pipeline runner logs them (this module touches neither MLflow nor Ray).
+`run_evaluate` returns metrics and artifact paths and touches neither MLflow nor Ray; `KIND`, the pipeline stage,
+loads the trained model from MLflow and the splits from the ingest stage, and logs what run_evaluate returns.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pipelines.evaluate.frechet import fid_from_features
 from pipelines.evaluate.grid import save_grid
 from pipelines.evaluate.sampling import check_steps, generate_samples, parse_sampler
 from pipelines.evaluate.table import plot_fid_vs_steps, write_table_csv, write_table_markdown
+from pipelines.stage import StageContext, StageKind, StageResult
+from pipelines.tracking import use_tracking_uri
 
 GRID_IMAGES = 64
 
@@ -109,3 +112,33 @@ def _check_inputs(model, test_images: torch.Tensor, train_images: torch.Tensor, 
     if train_labels.shape != (train_images.shape[0],) or train_labels.dtype != torch.int64:
         raise ValueError(f"train_labels must be int64 [{train_images.shape[0]}], "
                          f"got {train_labels.dtype} {tuple(train_labels.shape)}")
+
+
+def run(ctx: StageContext) -> StageResult:
+    import mlflow.pytorch
+
+    from pipelines.ingest.reader import load_split_tensor
+
+    splits = ctx.inputs["data"].values["splits"]
+    if "test" not in splits:
+        raise ValueError(f"evaluate needs a 'test' split; the ingest stage produced {sorted(splits)}")
+    model_uri = ctx.inputs["model"].values["model_uri"]
+    test_images, _ = load_split_tensor(ctx.localize(splits["test"]))
+    train_images, train_labels = load_split_tensor(ctx.localize(splits["train"]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with use_tracking_uri(ctx.tracking_uri):
+        model = mlflow.pytorch.load_model(model_uri, map_location=device).to(device)
+    result = run_evaluate(ctx.params, model, test_images, train_images, train_labels, ctx.output_dir, progress=False)
+    ctx.log_artifacts(result.artifacts)
+    ctx.mlflow().log_dict(ctx.run_id, result.table, "sampler_table.json")
+    samples = sorted(p for p in result.artifacts if p.name.startswith("samples_"))
+    return StageResult(
+        values={"metrics": result.metrics, "model_uri": model_uri, "samples_dir": ctx.output_uri,
+                "samples": [ctx.uri_of(p) for p in samples]},
+        metrics=result.metrics,
+    )
+
+
+KIND = StageKind(name="evaluate", params="pipelines.evaluate.config:EvaluateConfig", run=run,
+                 inputs={"model": ("train",), "data": ("ingest",)}, code=("pipelines.evaluate", "diffusion"),
+                 resources={"num_cpus": 1})

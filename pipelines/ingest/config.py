@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pipelines.strict import StrictConfig
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceConfig(_Frozen):
+class SourceConfig(StrictConfig):
     """Where the images come from.
 
     kind: "sklearn_digits" (embedded 1797 8x8 images, offline), "folder" (image files, recursive; label = first
@@ -31,7 +29,7 @@ class SourceConfig(_Frozen):
         return self
 
 
-class ImageConfig(_Frozen):
+class ImageConfig(StrictConfig):
     """Output image spec: `size` x `size` pixels, `channels` 1 (L) or 3 (RGB), stored as uint8 PNG (H, W, C)."""
 
     size: int = Field(8, ge=1, le=4096)
@@ -39,7 +37,7 @@ class ImageConfig(_Frozen):
     resize: Literal["resize", "center_crop"] = "resize"  # resize: whole image squashed; center_crop: central square
 
 
-class SplitConfig(_Frozen):
+class SplitConfig(StrictConfig):
     """Fractions of val and test (train gets the rest), assigned by a stable hash of (seed, key)."""
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
@@ -53,7 +51,7 @@ class SplitConfig(_Frozen):
         return self
 
 
-class ShardConfig(_Frozen):
+class ShardConfig(StrictConfig):
     """Close a shard when it holds `samples_per_shard` samples or would pass `bytes_per_shard` bytes.
 
     With neither set, shards hold 1000 samples.
@@ -69,7 +67,7 @@ class ShardConfig(_Frozen):
         return self.samples_per_shard
 
 
-class IngestConfig(_Frozen):
+class IngestConfig(StrictConfig):
     """Stage 1 parameters; `IngestConfig()` is the embedded digits dataset at 8x8x1."""
 
     source: SourceConfig = SourceConfig()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from pipelines.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "raydiff-webdataset/1"
@@ -39,14 +40,6 @@ def load_manifest(split_dir: str | Path) -> dict:
     return manifest
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_shards(split_dir: str | Path) -> dict:
     """Check every shard listed in the manifest against its sha256 and size; returns the manifest.
 
@@ -58,7 +51,7 @@ def verify_shards(split_dir: str | Path) -> dict:
         path = split_dir / shard["file"]
         if not path.is_file():
             raise ShardIntegrityError(f"shard {path} listed in {split_dir / MANIFEST} is missing")
-        actual = sha256_of(path)
+        actual = sha256_file(path).hexdigest()
         if actual != shard["sha256"]:
             raise ShardIntegrityError(f"shard {path} is corrupt or was modified: sha256 {actual}, "
                                       f"manifest expects {shard['sha256']}")

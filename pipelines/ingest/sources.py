@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipelines.hashing import sha256_file
 from pipelines.ingest.config import SourceConfig
 from pipelines.ingest.images import RejectedImage
 
@@ -34,14 +35,6 @@ class SourceError(ValueError):
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _sha256_file(path: Path, digest: "hashlib._Hash | None" = None) -> "hashlib._Hash":
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 # ---------------------------------------------------------------- planning (driver side)
@@ -143,7 +136,7 @@ def _open_table(path: Path):
 def _plan_table(path: Path, source: SourceConfig) -> SourcePlan:
     units, offset, digest, has_label = [], 0, hashlib.sha256(b"table\0"), None
     for file in _table_files(path):
-        _sha256_file(file, digest)
+        sha256_file(file, digest)
         kind, reader = _open_table(file)
         schema = reader.schema_arrow if kind == "parquet" else reader.schema
         if source.image_column not in schema.names:
@@ -169,7 +162,7 @@ def _plan_table(path: Path, source: SourceConfig) -> SourcePlan:
 def _plan_cifar10(path: Path, parallelism: int, scratch: Path) -> SourcePlan:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if path.is_file():
-        digest = _sha256_file(path, hashlib.sha256(b"cifar10\0")).hexdigest()
+        digest = sha256_file(path, hashlib.sha256(b"cifar10\0")).hexdigest()
         try:
             with tarfile.open(path, "r:*") as archive:
                 members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
@@ -189,7 +182,7 @@ def _plan_cifar10(path: Path, parallelism: int, scratch: Path) -> SourcePlan:
             raise SourceError(f"{batch_dir}: not a CIFAR-10 python folder, missing {missing}")
         digest = hashlib.sha256(b"cifar10\0")
         for name in names:
-            _sha256_file(batch_dir / name, digest)
+            sha256_file(batch_dir / name, digest)
         digest = digest.hexdigest()
     units, total, unit_size = [], 0, unit_size_for(60000, parallelism)
     for name in names:

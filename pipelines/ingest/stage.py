@@ -1,5 +1,8 @@
 """Stage 1, ingest: a source of images → per-split webdataset tar shards + manifest.json, with Ray Data.
 
+`KIND` runs `run_ingest` in the pipeline and publishes the split directories as URIs; its content hash covers the
+manifests, which hold every shard's sha256.
+
     plan (driver: list inputs, fingerprint)  ──Ray Data map_batches (read, decode, validate, convert, encode PNG,
     assign split)──▶ driver (ordered stream: tar shards per split, sha256, manifests)  ──rename──▶ ingest-<fp>/
 
@@ -22,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.hashing import hash_files
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.images import RejectedImage, image_bytes_to_png, pixels_to_png
 from pipelines.ingest.manifest import FORMAT, load_manifest, write_manifest
 from pipelines.ingest.shards import SPLITS, ShardWriter, assign_split, sample_tar_bytes
 from pipelines.ingest.sources import SourcePlan, expand_unit, plan_source
+from pipelines.stage import StageContext, StageKind, StageResult
 
 CODE_VERSION = "1"  # bump when the bytes written for the same inputs change
 SUMMARY = "ingest.json"
@@ -216,3 +221,21 @@ def run_ingest(config: IngestConfig, output_root: str | Path, progress: bool = T
                             seconds, rejects)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(ctx: StageContext) -> StageResult:
+    result = run_ingest(ctx.params, ctx.output_dir, progress=False)
+    splits = dict(sorted(result.splits.items()))
+    manifests = [splits[name] / "manifest.json" for name in splits]
+    for name, manifest in zip(splits, manifests):
+        ctx.log_artifacts([manifest], f"manifests/{name}")
+    return StageResult(
+        values={"splits": {name: ctx.uri_of(path) for name, path in splits.items()},
+                "num_samples": dict(result.num_samples), "fingerprint": result.fingerprint},
+        metrics={f"num_samples_{name}": float(n) for name, n in result.num_samples.items()},
+        content_hash=hash_files(manifests),
+    )
+
+
+KIND = StageKind(name="ingest", params="pipelines.ingest.config:IngestConfig", run=run, code=("pipelines.ingest",),
+                 resources={"num_cpus": 0})

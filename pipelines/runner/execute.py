@@ -8,22 +8,25 @@ data at the URIs in those records.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import ray
 from mlflow.tracking import MlflowClient
 
 from pipelines.cache import read_record, stage_dir_name, stage_key
 from pipelines.dag import resolve_inputs, stage_order
+from pipelines.kinds import load_kind
 from pipelines.runner import runs
-from pipelines.runner.storage import Storage
 from pipelines.runner.task import TaskInfo, restore_stage_task, run_stage_task
 from pipelines.spec import PipelineSpec
-from pipelines.stages import load_kind
-from pipelines.stages.kind import StageRecord
+from pipelines.stage import StageRecord
+from pipelines.storage import Storage
 from pipelines.tracking import ensure_experiment, resolve_tracking_uri
 
 HEARTBEAT_S = 60.0
@@ -64,15 +67,31 @@ def connect_ray(spec: PipelineSpec) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
-    if address == "local":
-        # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
-        context = ray.init(address="local", num_cpus=spec.cluster.num_cpus, num_gpus=spec.cluster.num_gpus,
-                           include_dashboard=True, dashboard_host="127.0.0.1")
-        if context.dashboard_url:
-            print(f"[raydiff] Ray dashboard http://{context.dashboard_url}", flush=True)
-        return True
-    ray.init(address=address)
+    with keep_signal_handlers():
+        if address == "local":
+            # The dashboard also serves the State API, which Ray Train's placement-group cleaner polls.
+            context = ray.init(address="local", num_cpus=spec.cluster.num_cpus, num_gpus=spec.cluster.num_gpus,
+                               include_dashboard=True, dashboard_host="127.0.0.1")
+            if context.dashboard_url:
+                print(f"[raydiff] Ray dashboard http://{context.dashboard_url}", flush=True)
+            return True
+        ray.init(address=address)
     return False
+
+
+@contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler (with one that exits, and a native one that prints a stack dump first);
+    put back whatever this process had, so the driver decides how it stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class Runner:
@@ -107,7 +126,7 @@ class Runner:
         try:
             self._execute(result, experiment_id)
         except BaseException:
-            self.client.set_terminated(parent, status="KILLED")
+            runs.kill_run(self.client, experiment_id, parent)
             raise
         result.seconds = time.perf_counter() - start
         runs.log_metrics(self.client, parent, {"pipeline_seconds": result.seconds,

@@ -10,26 +10,12 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipelines.dag import render_mermaid
+from pipelines.dag_render import render_mermaid
 from pipelines.spec import PipelineSpec
-from pipelines.tracking import run_tags
+from pipelines.tracking import MAX_PARAM_CHARS, flatten, run_tags
 
 PIPELINE_TAG = "raydiff.pipeline"
 DRIVER_TAG = "raydiff.driver"  # "<host>:<pid>" of the driver process, to close runs of a killed driver
-MAX_PARAM_CHARS = 6000
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} → {"a.b": "1"}: nested parameters as MLflow params."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-            flat[name] = text[:MAX_PARAM_CHARS]
-    return flat
 
 
 def driver_id() -> str:
@@ -56,13 +42,18 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, pipeline: str) ->
     for run in stale:
         if run.data.tags.get("mlflow.parentRunId") or _driver_alive(run.data.tags.get(DRIVER_TAG)):
             continue
-        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
-                                                        "and attributes.status = 'RUNNING'")
-        for child in children:
-            client.set_terminated(child.info.run_id, status="KILLED")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        kill_run(client, experiment_id, run.info.run_id)
         closed.append(run.info.run_id)
     return closed
+
+
+def kill_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+    """Mark a pipeline run and its RUNNING stage runs (those the stages opened themselves included) KILLED."""
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                    "and attributes.status = 'RUNNING'")
+    for child in children:
+        client.set_terminated(child.info.run_id, status="KILLED")
+    client.set_terminated(parent_run_id, status="KILLED")
 
 
 def start_parent_run(client: MlflowClient, experiment_id: str, spec: PipelineSpec, no_cache: bool) -> str:

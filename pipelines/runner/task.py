@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 import ray
 
 from pipelines.cache import write_record
-from pipelines.runner.storage import Storage
-from pipelines.stages import load_kind
-from pipelines.stages.kind import StageContext, StageRecord, hash_json
+from pipelines.hashing import hash_json
+from pipelines.kinds import load_kind
+from pipelines.stage import StageContext, StageRecord
+from pipelines.storage import Storage
 
 
 @dataclass(frozen=True)

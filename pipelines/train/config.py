@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from diffusion.unet import PRESETS, UNetConfig
+from pipelines.strict import StrictConfig
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(Frozen):
+class ModelConfig(StrictConfig):
     """A U-Net preset plus field overrides (any `diffusion.unet.UNetConfig` field)."""
 
     preset: str = "small"
@@ -35,12 +32,12 @@ class ModelConfig(Frozen):
         return UNetConfig.preset(self.preset, image_size=image_size, in_channels=channels, **overrides)
 
 
-class ScheduleConfig(Frozen):
+class ScheduleConfig(StrictConfig):
     name: Literal["linear", "cosine"] = "linear"
     num_timesteps: PositiveInt = 1000
 
 
-class EMAConfig(Frozen):
+class EMAConfig(StrictConfig):
     """decay 0.9999 as in DDPM for long runs; `half_life_steps` (if set) overrides it for short runs."""
 
     decay: float = Field(default=0.9999, gt=0.0, lt=1.0)
@@ -48,7 +45,7 @@ class EMAConfig(Frozen):
     warmup: bool = True
 
 
-class TrainConfig(Frozen):
+class TrainConfig(StrictConfig):
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     ema: EMAConfig = EMAConfig()

@@ -3,28 +3,31 @@
 Re-running with the same `output_dir` resumes: Ray Train restores the run stored under `output_dir/ray/train`
 (same storage path and name), the worker loop continues from its latest checkpoint, and the same MLflow run
 is reopened and continued.
+
+In a pipeline (`KIND`) the training run is the stage's nested MLflow run. A rerun with the same cache key gets the
+same output directory, where run_training finds its checkpoints and its MLflow run and resumes both; the resumed
+run is moved under the current pipeline run. MLflow and Ray Train are imported where they are used, so loading the
+kind to validate a pipeline file stays quick.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import mlflow
-import mlflow.pytorch
-from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from typing import TYPE_CHECKING
 
 from diffusion.ema import EMA
 from diffusion.packaged import DiffusionModel
 from diffusion.unet import UNet, UNetConfig
-from pipelines.train.checkpoint import load_state
+from pipelines.hashing import hash_files
+from pipelines.stage import StageContext, StageKind, StageResult
+from pipelines.tracking import ensure_experiment, flatten, run_tags
+from pipelines.train.checkpoint import STATE_FILE, load_state
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import train_loop_per_worker
-from pipelines.tracking import ensure_experiment, run_tags
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -36,18 +39,6 @@ class TrainResult:
     checkpoint_path: str
     final_step: int
     metrics: dict
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} → {"a.b": "1"}: nested config as MLflow params."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return flat
 
 
 def image_spec(train_dir: Path) -> tuple[int, int]:
@@ -89,6 +80,14 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
 
     `datasets` ({"train": ray.data.Dataset}) is built from train_dir when the config's loader is "ray_data".
     """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train.loop import train_loop_per_worker
+
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     image_size, channels = image_spec(Path(train_dir))
@@ -146,3 +145,25 @@ def packaged_model(state: dict, config: TrainConfig, run_id: str) -> DiffusionMo
     ema.load_state_dict(state["ema"])
     return DiffusionModel(ema.averaged, config.schedule.name, config.schedule.num_timesteps,
                           metadata={"training_run_id": run_id, "training_steps": int(state["step"])}).eval()
+
+
+def run(ctx: StageContext) -> StageResult:
+    splits = ctx.inputs["data"].values["splits"]
+    marker = ctx.output_dir / RUN_ID_FILE
+    if marker.is_file():
+        ctx.mlflow().set_tag(marker.read_text().strip(), "mlflow.parentRunId", ctx.parent_run_id)
+    result = run_training(ctx.params, ctx.localize(splits["train"]),
+                          ctx.localize(splits["val"]) if "val" in splits else None, ctx.output_dir,
+                          ctx.tracking_uri, ctx.experiment, run_name=ctx.stage, parent_run_id=ctx.parent_run_id)
+    checkpoint = Path(result.checkpoint_path)
+    return StageResult(
+        values={"model_uri": result.model_uri, "run_id": result.run_id, "final_step": result.final_step,
+                "checkpoint": ctx.uri_of(checkpoint)},
+        metrics={k: float(v) for k, v in result.metrics.items()},
+        content_hash=hash_files([checkpoint / STATE_FILE]),
+        run_id=result.run_id,
+    )
+
+
+KIND = StageKind(name="train", params="pipelines.train.config:TrainConfig", run=run, inputs={"data": ("ingest",)},
+                 code=("pipelines.train", "diffusion"), resources={"num_cpus": 0}, owns_run=True)

@@ -143,7 +143,7 @@ def test_dockerignore_keeps_the_project_and_drops_local_state_and_secrets():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for kept in ("pyproject.toml", "README.md", "configs/cifar10-gpu.yaml", "configs/local.yaml",
-                 "diffusion/unet.py", "pipelines/cli.py", "pipelines/stages/train.py", "services/app.py",
+                 "diffusion/unet.py", "pipelines/cli.py", "pipelines/train/stage.py", "services/app.py",
                  "infra/serve/serve-config.yaml"):
         assert not dockerignored(kept, patterns), f".dockerignore drops {kept}, which the image needs"
     for dropped in (".venv/bin/python", ".git/HEAD", ".env", "infra/compose/.env", "configs/.env",

@@ -1,14 +1,17 @@
-"""`raydiff dag`, `raydiff ui` and the CLI's handling of invalid pipeline files."""
+"""`raydiff dag`, `raydiff ui`, the plugged-in `serve`/`sample` commands and the CLI's handling of invalid pipeline
+files."""
 
 import os
 import subprocess
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
 import requests
 
-from pipelines.cli import main
+from pipelines.cli import COMMANDS_GROUP, main
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +29,16 @@ def test_dag_text_mermaid_and_png(tmp_path, capsys):
     png = tmp_path / "dag.png"
     assert main(["dag", LOCAL, "--format", "png", "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command, option", [("serve", "--model-uri"), ("sample", "--sampler")])
+def test_serve_and_sample_come_from_the_commands_entry_point(command, option, capsys):
+    assert "serve" in {entry.name for entry in entry_points(group=COMMANDS_GROUP)}
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: raydiff {command}") and option in out
 
 
 def test_invalid_pipelines_exit_2_with_every_error(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipelines.runner.execute import PipelineFailed, run_pipeline
 from pipelines.spec import build_spec
-from pipelines.stages.kind import StageContext, StageKind, StageResult
+from pipelines.stage import StageContext, StageKind, StageResult
 
 HERE = "tests.pipelines.test_dag_runner"
 MEET_TIMEOUT_S = 60.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.register import METRIC_TAG, beats, register_model
+from pipelines.register.registry import METRIC_TAG, beats, register_model
 
 
 @pytest.fixture()

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.dag import render_mermaid, render_text, resolve_inputs, stage_order
+from pipelines.dag import resolve_inputs, stage_order
+from pipelines.dag_render import render_mermaid, render_text
 from pipelines.spec import SpecError, build_spec, load_spec, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[2]

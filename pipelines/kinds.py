@@ -1,20 +1,20 @@
-"""Stage kinds: thin adapters from the pipeline runner to the stage functions (ingest, train, evaluate, ...).
+"""The stage-kind registry: a stage's `kind:` is one of KINDS or "package.module:NAME" naming a `StageKind` elsewhere.
 
-A stage's `kind:` is one of KINDS or "package.module:NAME" naming a `StageKind` object elsewhere.
+Each built-in kind lives in its own folder, `pipelines/<kind>/`, with its `KIND` in `stage.py`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from pipelines.stages.kind import StageKind
+from pipelines.stage import StageKind
 
 KINDS = {
-    "ingest": "pipelines.stages.ingest:KIND",
-    "train": "pipelines.stages.train:KIND",
-    "evaluate": "pipelines.stages.evaluate:KIND",
-    "register": "pipelines.stages.register:KIND",
-    "deploy": "pipelines.stages.deploy:KIND",
+    "ingest": "pipelines.ingest.stage:KIND",
+    "train": "pipelines.train.stage:KIND",
+    "evaluate": "pipelines.evaluate.stage:KIND",
+    "register": "pipelines.register.stage:KIND",
+    "deploy": "pipelines.deploy.stage:KIND",
 }
 
 

@@ -1,33 +1,14 @@
-"""register: a new MLflow Model Registry version of the trained model; alias `champion` moves to it only if its
-evaluation metric beats the champion's (pipelines.register)."""
+"""register: a new MLflow Model Registry version of the trained model; the alias (`champion`) moves to it only if
+its evaluation metric beats the alias's current version (pipelines.register.registry)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipelines.stages.kind import StageContext, StageKind, StageResult
-
-
-class PromoteIf(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    metric: str = "test_bpd"
-    mode: Literal["min", "max"] = "min"
-
-
-class RegisterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    promote_if: PromoteIf = PromoteIf()
-    tags: dict[str, str] = {}
+from pipelines.register.config import RegisterConfig
+from pipelines.stage import StageContext, StageKind, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
-    from pipelines.register import register_model
+    from pipelines.register.registry import register_model
 
     params: RegisterConfig = ctx.params
     metrics = ctx.inputs["evaluation"].values["metrics"]
@@ -47,6 +28,6 @@ def run(ctx: StageContext) -> StageResult:
                                 "version": float(registration.version)})
 
 
-KIND = StageKind(name="register", params="pipelines.stages.register:RegisterConfig", run=run,
+KIND = StageKind(name="register", params="pipelines.register.config:RegisterConfig", run=run,
                  inputs={"model": ("train",), "evaluation": ("evaluate",)}, code=("pipelines.register",),
                  resources={"num_cpus": 0})

@@ -1,15 +1,14 @@
-"""What a stage kind is (its parameters, inputs, code and function) and what its function receives and returns."""
+"""What a stage kind is (its parameters, inputs, code and function) and what its function receives and returns.
+
+Each kind defines its `KIND` in `pipelines/<kind>/stage.py`; `pipelines.kinds` maps the built-in names to them.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -99,13 +98,13 @@ class StageContext:
 
     def localize(self, uri: str) -> Path:
         """A local directory holding the artifact at `uri` (downloaded into a local cache if it is remote)."""
-        from pipelines.runner.storage import Storage
+        from pipelines.storage import Storage
 
         return Storage(self.storage_root).localize(uri)
 
     def uri_of(self, path: Path) -> str:
         """The URI that `path` (inside output_dir) will have once the stage's outputs are published."""
-        from pipelines.runner.storage import join_uri
+        from pipelines.storage import join_uri
 
         return join_uri(self.output_uri, *Path(path).resolve().relative_to(self.output_dir.resolve()).parts)
 
@@ -121,32 +120,3 @@ class StageContext:
                 client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 client.log_artifact(self.run_id, str(path), artifact_path)
-
-
-@contextmanager
-def use_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (register_model, pytorch.load_model) reads a process-global URI, and setting it also sets
-    MLFLOW_TRACKING_URI in os.environ; restore both afterwards so no later code in this process inherits it."""
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-
-
-def hash_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the files' names (relative order as given) and contents."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()

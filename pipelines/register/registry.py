@@ -17,7 +17,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.stages.kind import use_tracking_uri
+from pipelines.tracking import use_tracking_uri
 
 METRIC_TAG = "raydiff.metric."
 

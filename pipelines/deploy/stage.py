@@ -1,30 +1,19 @@
-"""deploy: serve the model with Ray Serve (services.deploy) on the current Ray cluster.
+"""deploy: build the Serve application named by `app` for the model and run it on the current Ray cluster.
 
 Fed by a register stage it serves a concrete registry version: the champion as of that registration
 (`model: champion`, the default) or the version just registered (`model: registered`); fed by a train stage
 directly it serves that run's model. A cache hit re-deploys only when the application is not running (a fresh
-local Ray instance after `raydiff run` ended, say).
+local Ray instance after `raydiff run` ended, say). The application is imported by path, so the pipeline never
+imports the serving code itself.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipelines.stages.kind import StageContext, StageKind, StageRecord, StageResult
-
-
-class DeployConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: Literal["champion", "registered"] = "champion"
-    route: str = Field("/", pattern=r"^/")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    replicas: int = Field(1, ge=1)
-    max_batch_size: int = Field(16, ge=1)
-    name: str = Field("raydiff", min_length=1)
+from pipelines.deploy.config import DeployConfig
+from pipelines.stage import StageContext, StageKind, StageRecord, StageResult
+from pipelines.tracking import absolute_sqlite
 
 
 def model_uri_to_serve(ctx: StageContext) -> str:
@@ -39,12 +28,26 @@ def model_uri_to_serve(ctx: StageContext) -> str:
     return f"models:/{values['name']}/{version}"
 
 
-def _deploy(ctx: StageContext, model_uri: str) -> str:
-    from services.deploy import deploy
+def endpoint_url(params: DeployConfig) -> str:
+    """The URL clients use; a wildcard bind address is reached through loopback."""
+    host = "127.0.0.1" if params.host in ("0.0.0.0", "::", "") else params.host
+    return f"http://{host}:{params.port}{params.route}"
 
-    p: DeployConfig = ctx.params
-    return deploy(model_uri, ctx.tracking_uri, route_prefix=p.route, host=p.host, port=p.port, replicas=p.replicas,
-                  max_batch_size=p.max_batch_size, name=p.name, blocking=False)
+
+def _deploy(ctx: StageContext, model_uri: str) -> str:
+    """Build the application, start Serve's HTTP proxy on host:port (if Serve already runs, its HTTP options stay as
+    they are) and deploy the application, or update it in place. Returns the endpoint URL."""
+    from ray import serve
+
+    params: DeployConfig = ctx.params
+    module_name, _, attr = params.app.partition(":")
+    build = getattr(importlib.import_module(module_name), attr)
+    app = build({"model_uri": model_uri, "tracking_uri": absolute_sqlite(ctx.tracking_uri),
+                 "max_batch_size": params.max_batch_size, "min_replicas": params.replicas,
+                 "max_replicas": params.replicas})
+    serve.start(http_options={"host": params.host, "port": params.port})
+    serve.run(app, name=params.name, route_prefix=params.route, blocking=False)
+    return endpoint_url(params)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -64,6 +67,6 @@ def restore(ctx: StageContext, record: StageRecord) -> StageRecord:
     return record
 
 
-KIND = StageKind(name="deploy", params="pipelines.stages.deploy:DeployConfig", run=run,
+KIND = StageKind(name="deploy", params="pipelines.deploy.config:DeployConfig", run=run,
                  inputs={"model": ("register", "train")}, code=("services",), resources={"num_cpus": 0},
                  restore=restore)
