@@ -114,10 +114,12 @@ class SamplerClient:
     @staticmethod
     def samples_body(sampler: str = "ddim", steps: int | None = None, num_images: int = 1, seed: int | None = None,
                      eta: float = 0.0, format: str = "png", clip_denoised: bool = True,
-                     nrow: int | None = None) -> dict:
+                     nrow: int | None = None, **options) -> dict:
+        """The request body; `options` are further sampler options by request field (variance, spacing, ...),
+        None meaning the sampler's default."""
         body: dict[str, Any] = {"sampler": sampler, "num_images": num_images, "format": format,
                                 "clip_denoised": clip_denoised}
-        for key, value in (("steps", steps), ("seed", seed), ("nrow", nrow)):
+        for key, value in (("steps", steps), ("seed", seed), ("nrow", nrow), *options.items()):
             if value is not None:
                 body[key] = value
         if eta:
@@ -126,9 +128,10 @@ class SamplerClient:
 
     def samples(self, sampler: str = "ddim", steps: int | None = None, num_images: int = 1, seed: int | None = None,
                 eta: float = 0.0, format: str = "png", clip_denoised: bool = True,
-                nrow: int | None = None) -> SampleResult:
-        """POST /v1/samples. steps None: the server's default (T for ddpm, 50 for ddim); seed None: random."""
-        body = self.samples_body(sampler, steps, num_images, seed, eta, format, clip_denoised, nrow)
+                nrow: int | None = None, **options) -> SampleResult:
+        """POST /v1/samples with any registered sampler and its options (see `samples_body`). steps None: the
+        sampler's default; seed None: random."""
+        body = self.samples_body(sampler, steps, num_images, seed, eta, format, clip_denoised, nrow, **options)
         return SampleResult(self._request("POST", "/v1/samples", json=body))
 
     def samples_stream(self, progress=None, **kwargs) -> SampleResult:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ray import serve
 
-from services.app import AppArgs, build_app
+from services.app import build_app
+from services.args import AppArgs
 
 
 def endpoint_url(host: str, port: int, route_prefix: str = "/") -> str:

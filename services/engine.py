@@ -1,50 +1,44 @@
 """Batched sampling, likelihood and interpolation on one loaded model — plain torch, no Ray, no HTTP.
 
-The serving deployment and the in-process benchmark baseline both call `Engine`. Sampling is continuously
-batched: every request in flight is a `Trajectory` at its own step index, and one `tick` advances all of them by
-one step with ONE model call (the model takes a t per image), so requests that arrive while others run join at the
-next step instead of waiting for a whole reverse process. After the model call, trajectories sharing
-`SampleJob.key` (sampler, steps, eta, clip) and step index take one vectorised DDPM/DDIM step.
+The serving deployment and the in-process benchmark baseline both call `Engine`, and all of the continuous
+batching lives here: every request in flight is a `Trajectory` (a `diffusion.samplers` state at its own step), and
+one `tick` advances all of them with ONE model call (the model takes a t per image), so requests that arrive while
+others run join at the next tick instead of waiting for a whole reverse process. Trajectories of different samplers,
+step counts and options share each call; afterwards each takes its own sampler step.
 
 Each request draws its x_T and per-step noise from its own `torch.Generator(seed)` (on the CPU, so a seed gives the
-same noise on any device), in the same order as `diffusion.samplers.ddpm_sample` / `ddim_sample` with that
-generator. So a seed reproduces its images whatever it was batched with (up to float rounding of batched
-convolutions, far below one 8-bit level).
+same noise on any device), in the same order as `diffusion.samplers.sample` with that generator. So a seed
+reproduces its images whatever it was batched with (up to float rounding of batched convolutions, far below one
+8-bit level).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Literal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from diffusion.losses import nll_bpd
-from diffusion.samplers import ddim_encode, ddim_sample, ddim_step, ddpm_step
-from diffusion.schedule import NoiseSchedule, spaced_timesteps
+from diffusion.sampler_specs import sampler_spec
+from diffusion.samplers import Sampler, SamplerState, ddim_encode, ddim_sample, get_sampler
+from diffusion.schedule import NoiseSchedule
 
-SamplerName = Literal["ddpm", "ddim"]
-# The spacings diffusion.samplers uses by default, so a served request equals the library loop with its generator.
-SPACING = {"ddpm": "linspace", "ddim": "leading"}
+INTERPOLATE_SPACING = sampler_spec("ddim").options["spacing"].default
 
 
 @dataclass(frozen=True)
 class SampleJob:
-    """One request: `num_images` images from `seed` with a sampler on `steps` (possibly respaced) steps."""
+    """One request: `num_images` images from `seed` with a registered sampler on `steps` (possibly respaced) steps,
+    `options` being that sampler's (checked against its catalog entry when the job starts)."""
 
-    sampler: SamplerName
+    sampler: str
     steps: int
     num_images: int
     seed: int
-    eta: float = 0.0
-    clip_denoised: bool = True
-
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys run in one batched loop."""
-        return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0, self.clip_denoised)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,17 +62,23 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @dataclass(eq=False)
 class Trajectory:
-    """One request's reverse process in flight: its own schedule, generator and current x at index `i`."""
+    """One request's reverse process in flight: its sampler, that sampler's state and the request's generator."""
 
     job: SampleJob
-    sched: NoiseSchedule
+    sampler: Sampler
+    state: SamplerState  # state.x: [N, C, H, W] on the engine's device
     generator: torch.Generator
-    x: torch.Tensor  # [N, C, H, W] on the engine's device
-    i: int  # the next step's index in `sched`; −1 once finished
+    started: float | None = None  # perf_counter at its first model call
+    max_tick_images: int = 0  # the largest model call (in images) it took part in
 
     @property
     def done(self) -> bool:
-        return self.i < 0
+        return self.state.done
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(model calls done, model calls in all)."""
+        return self.state.nfe, self.sampler.total_calls(self.state)
 
 
 class Engine:
@@ -89,71 +89,54 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.schedule: NoiseSchedule = model.schedule()
         self.image_shape: tuple[int, int, int] = tuple(model.image_shape)
-        self._respaced = lru_cache(maxsize=64)(self._respace)
+        self.counters = {"ticks": 0, "tick_images": 0, "busy_s": 0.0}
 
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
-    def _respace(self, sampler: SamplerName, steps: int) -> NoiseSchedule:
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
-        if steps == self.num_timesteps:
-            return self.schedule
-        return self.schedule.respace(spaced_timesteps(self.num_timesteps, steps, SPACING[sampler]))
+    # -- continuous batching: every in-flight request advances one model call per tick, all in one model call
 
-    # -- continuous batching: every in-flight request advances one step per tick, all in one model call
-
-    def start(self, job: SampleJob) -> "Trajectory":
-        """A request's reverse process at its first step: x_T drawn from its own generator."""
-        sched = self._respaced(job.sampler, job.steps)
+    def start(self, job: SampleJob) -> Trajectory:
+        """A request's reverse process before its first model call: x_T drawn from its own generator. A bad
+        sampler, option or step count is a ValueError that names it."""
+        sampler = get_sampler(job.sampler)
+        sampler_spec(job.sampler).steps_for(self.num_timesteps, job.steps)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         x = torch.randn((job.num_images, *self.image_shape), generator=generator).to(self.device)
-        return Trajectory(job, sched, generator, x, sched.num_timesteps - 1)
+        return Trajectory(job, sampler, sampler.start(self.schedule, x, job.steps, **job.options), generator)
 
     @torch.inference_mode()
-    def tick(self, active: list["Trajectory"], max_forward: int = 1024) -> None:
-        """One reverse step for every unfinished trajectory: ONE model call over all of them (each image with its
-        own t, chunked at `max_forward` images), then one vectorised step per group at the same (key, index)."""
-        active = [tr for tr in active if not tr.done]
+    def tick(self, trajectories: list[Trajectory], max_forward: int = 1024) -> list[Trajectory]:
+        """One model call for every unfinished trajectory (each image with its own t, chunked at `max_forward`
+        images), then each sampler's step. → the trajectories that finished in this tick."""
+        active = [tr for tr in trajectories if not tr.done]
         if not active:
-            return
-        x = torch.cat([tr.x for tr in active])  # [ΣN, C, H, W]
-        t = torch.cat([torch.full((tr.x.shape[0],), int(tr.sched.timesteps[tr.i]), dtype=torch.long)
-                       for tr in active]).to(self.device)
+            return []
+        start = time.perf_counter()
+        inputs = [tr.sampler.model_input(tr.state) for tr in active]
+        x = torch.cat([xi for xi, _ in inputs])  # [ΣN, C, H, W]
+        t = torch.cat([torch.full((xi.shape[0],), ti, dtype=torch.long) for xi, ti in inputs]).to(self.device)
         eps = torch.cat([self.model(xc, tc).to(x.dtype) for xc, tc in zip(x.split(max_forward), t.split(max_forward))])
-        groups: dict[tuple, list[tuple[Trajectory, torch.Tensor]]] = {}
-        for tr, e in zip(active, eps.split([tr.x.shape[0] for tr in active])):
-            groups.setdefault((tr.job.key, tr.i), []).append((tr, e))
-        for members in groups.values():
-            self._step([tr for tr, _ in members], torch.cat([e for _, e in members]))
-
-    def _step(self, group: list["Trajectory"], eps: torch.Tensor) -> None:
-        """x_{i−1} for trajectories sharing sampler, schedule, η, clip and index i; each draws its own noise."""
-        first, i = group[0], group[0].i
-        x = torch.cat([tr.x for tr in group])
-
-        def noise() -> torch.Tensor:
-            return torch.cat([torch.randn(tr.x.shape, generator=tr.generator) for tr in group]).to(self.device)
-
-        if first.job.sampler == "ddpm":
-            x = ddpm_step(first.sched, eps, x, i, noise() if i > 0 else None, clip_x0=first.job.clip_denoised)
-        else:
-            z = noise() if first.job.eta > 0 and i > 0 else None
-            x = ddim_step(first.sched, eps, x, i, first.job.eta, z, clip_x0=first.job.clip_denoised)
-        for tr, xi in zip(group, x.split([tr.x.shape[0] for tr in group])):
-            tr.x, tr.i = xi, tr.i - 1
+        for tr, e in zip(active, eps.split([xi.shape[0] for xi, _ in inputs])):
+            tr.started = start if tr.started is None else tr.started
+            tr.max_tick_images = max(tr.max_tick_images, x.shape[0])
+            tr.sampler.step(tr.state, e, tr.generator)
+        self.counters["ticks"] += 1
+        self.counters["tick_images"] += x.shape[0]
+        self.counters["busy_s"] += time.perf_counter() - start
+        return [tr for tr in active if tr.done]
 
     @staticmethod
-    def result(tr: "Trajectory") -> torch.Tensor:
+    def result(tr: Trajectory) -> torch.Tensor:
         """A finished trajectory's images: CPU float32 [N, C, H, W] in [−1, 1]."""
         assert tr.done, "trajectory still running"
-        return tr.x.float().clamp(-1.0, 1.0).cpu()
+        return tr.state.x.float().clamp(-1.0, 1.0).cpu()
 
     def sample(self, jobs: list[SampleJob], progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
         """Run `jobs` together to completion → one CPU float32 tensor [num_images, C, H, W] in [−1, 1] per job."""
         active = [self.start(job) for job in jobs]
-        total = max(tr.i + 1 for tr in active)
+        total = max(tr.progress[1] for tr in active)
         for k in range(total):
             self.tick(active)
             if progress is not None:
@@ -173,8 +156,8 @@ class Engine:
         """DDIM-encode two images [2, C, H, W] to x_T, slerp `num_points` latents (ends included), decode (η = 0).
         → CPU [num_points, C, H, W] in [−1, 1]."""
         assert x0.shape[0] == 2, f"interpolate needs exactly 2 images, got {x0.shape[0]}"
-        latents = ddim_encode(self.model, self.schedule, x0.to(self.device), steps=steps, spacing=SPACING["ddim"])
+        latents = ddim_encode(self.model, self.schedule, x0.to(self.device), steps=steps, spacing=INTERPOLATE_SPACING)
         path = torch.stack([slerp(latents[0], latents[1], k / (num_points - 1)) for k in range(num_points)])
         images = ddim_sample(self.model, self.schedule, tuple(path.shape), steps=steps, eta=0.0, x_T=path,
-                             clip_x0=clip_denoised, device=self.device, spacing=SPACING["ddim"])
+                             clip_x0=clip_denoised, device=self.device, spacing=INTERPOLATE_SPACING)
         return images.float().clamp(-1.0, 1.0).cpu()

@@ -1,7 +1,16 @@
 """The page at `/`: try the sampler in a browser (plain HTML + fetch, no external assets).
 
-Query parameters prefill the form (`sampler`, `steps`, `eta`, `n`, `seed`); `run=1` samples on load.
+Query parameters prefill the form (`sampler`, `steps`, `eta`, `n`, `seed`); `run=1` samples on load. The sampler
+list and which samplers take η come from the sampler catalog (`diffusion.sampler_specs`).
 """
+
+import json
+
+from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS
+
+_DEFAULT = "ddim"
+_OPTIONS = "".join(f"<option{' selected' if name == _DEFAULT else ''}>{name}</option>" for name in SAMPLER_NAMES)
+_TAKES_ETA = json.dumps([name for name, spec in SAMPLER_SPECS.items() if "eta" in spec.options])
 
 INDEX_HTML = """<!doctype html>
 <html lang="en">
@@ -23,10 +32,10 @@ INDEX_HTML = """<!doctype html>
 </style>
 </head>
 <body>
-<h1>raydiff &mdash; DDPM / DDIM sampler</h1>
+<h1>raydiff &mdash; diffusion sampler</h1>
 <div id="model">loading model info&hellip;</div>
 <form id="form">
-  <label>sampler <select id="sampler"><option>ddim</option><option>ddpm</option></select></label>
+  <label>sampler <select id="sampler">@OPTIONS@</select></label>
   <label>steps <input id="steps" type="number" min="1" placeholder="default"></label>
   <label>eta <input id="eta" type="number" min="0" max="1" step="0.1" value="0"></label>
   <label>images <input id="n" type="number" min="1" value="16"></label>
@@ -37,6 +46,7 @@ INDEX_HTML = """<!doctype html>
 <img id="grid" alt="samples">
 <script>
 const $ = (id) => document.getElementById(id);
+const TAKES_ETA = @TAKES_ETA@;
 const params = new URLSearchParams(location.search);
 for (const [key, id] of [["sampler", "sampler"], ["steps", "steps"], ["eta", "eta"], ["n", "n"], ["seed", "seed"]]) {
   if (params.has(key)) $(id).value = params.get(key);
@@ -57,7 +67,7 @@ async function sample(event) {
   if (event) event.preventDefault();
   const body = { sampler: $("sampler").value, num_images: parseInt($("n").value, 10), format: "grid" };
   if ($("steps").value) body.steps = parseInt($("steps").value, 10);
-  if (body.sampler === "ddim") body.eta = parseFloat($("eta").value || "0");
+  if (TAKES_ETA.includes(body.sampler)) body.eta = parseFloat($("eta").value || "0");
   if ($("seed").value) body.seed = parseInt($("seed").value, 10);
   status("sampling…");
   $("go").disabled = true;
@@ -81,4 +91,4 @@ if (params.get("run") === "1") sample();
 </script>
 </body>
 </html>
-"""
+""".replace("@OPTIONS@", _OPTIONS).replace("@TAKES_ETA@", _TAKES_ETA)

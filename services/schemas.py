@@ -7,30 +7,92 @@ Unknown fields are errors, so a typo (`step` for `steps`) is not silently ignore
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, OptionSpec
 
 Format = Literal["png", "npy", "grid"]
 MAX_SEED = 2**63 - 1
+# Sampler options under another name in the HTTP API (kept for existing clients).
+REQUEST_FIELD = {"clip_x0": "clip_denoised"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Strict(BaseModel):
+    """The base of every request body and of the app's arguments: unknown fields are errors, types are strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
-class SampleRequest(_Strict):
-    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="ancestral DDPM (Ho et al.) or DDIM (Song et al.)")
-    steps: int | None = Field(None, ge=1, description="reverse steps, 1…T (default: T for ddpm, min(50, T) for "
-                                                      "ddim); fewer than T respaces the schedule")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity η (ddim only; 0 = deterministic)")
+def _sampler_lines() -> str:
+    return "; ".join(f"{s.name}: {s.description} ({s.paper}), default steps "
+                     f"{'T' if s.default_steps is None else f'min({s.default_steps}, T)'}" for s in SAMPLER_SPECS.values())
+
+
+class _SampleFields(Strict):
+    sampler: Literal[SAMPLER_NAMES] = Field("ddim", description=_sampler_lines())  # type: ignore[valid-type]
+    steps: int | None = Field(None, ge=1, description="reverse steps, 1…T (default: the sampler's, see `sampler`); "
+                                                      "fewer than T respaces the schedule")
     num_images: int = Field(1, ge=1, description="images to generate, 1…max_num_images")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed ⇒ same images; omitted: a random "
                                                                   "seed, returned in the response")
     format: Format = Field("png", description="png: one base64 PNG per image; npy: one base64 .npy of float32 "
                                               "[N, C, H, W] in [-1, 1]; grid: one base64 PNG grid")
     nrow: int | None = Field(None, ge=1, le=1024, description="grid: images per row (default ⌈√N⌉)")
-    clip_denoised: bool = Field(True, description="clip the predicted x_0 to [-1, 1] at every step")
+
+
+def _option_default(name: str) -> Any:
+    """An option's default when every sampler that takes it agrees on one, else None ("the sampler's default")."""
+    defaults = {s.options[name].default for s in SAMPLER_SPECS.values() if name in s.options}
+    return defaults.pop() if len(defaults) == 1 else None
+
+
+def _option_field(name: str, option: OptionSpec) -> tuple[Any, Any]:
+    """A request field for a sampler option: its type and bounds from the catalog; unset means the sampler's
+    default."""
+    takers = [s.name for s in SAMPLER_SPECS.values() if name in s.options]
+    default = _option_default(name)
+    kind = Literal[option.choices] if option.choices else type(option.default)  # type: ignore[valid-type]
+    description = f"{option.description} (option of {', '.join(takers)}" + \
+        (")" if default is not None else "; default: the sampler's)")
+    return (kind if default is not None else kind | None,
+            Field(default, ge=option.ge, le=option.le, description=description))
+
+
+def _options() -> dict[str, OptionSpec]:
+    merged: dict[str, OptionSpec] = {}
+    for spec in SAMPLER_SPECS.values():
+        for name, option in spec.options.items():
+            merged.setdefault(name, option)
+    return merged
+
+
+OPTION_DEFAULTS = {name: _option_default(name) for name in _options()}
+
+# POST /v1/samples: the fields above plus one per sampler option in the catalog (eta, variance, clip_denoised,
+# spacing, ...), so a sampler added to diffusion/ is served with its options and nothing here changes.
+SampleRequest = create_model("SampleRequest", __base__=_SampleFields,
+                             **{REQUEST_FIELD.get(n, n): _option_field(n, o) for n, o in _options().items()})
+
+
+def sampler_options(body: BaseModel) -> dict[str, Any]:
+    """The sampler options a request sets: {option name: value} for the fields given in the body."""
+    return {name: getattr(body, REQUEST_FIELD.get(name, name)) for name in _options()
+            if REQUEST_FIELD.get(name, name) in body.model_fields_set}
+
+
+class SamplerInfo(BaseModel):
+    name: str
+    description: str
+    default_steps: int | None = Field(description="None: all T steps")
+    options: dict[str, Any] = Field(description="request field → the sampler's default")
+
+
+def sampler_infos() -> list[SamplerInfo]:
+    return [SamplerInfo(name=s.name, description=f"{s.description} ({s.paper})", default_steps=s.default_steps,
+                        options={REQUEST_FIELD.get(n, n): o.default for n, o in s.options.items()})
+            for s in SAMPLER_SPECS.values()]
 
 
 class ModelInfo(BaseModel):
@@ -46,6 +108,7 @@ class ModelInfo(BaseModel):
     schedule: str
     device: str
     replica: str | None = None
+    samplers: list[SamplerInfo] = Field(default_factory=sampler_infos, description="the samplers this endpoint runs")
 
 
 class Timing(BaseModel):
@@ -65,13 +128,14 @@ class SampleResponse(BaseModel):
     shape: list[int] = Field(description="[N, C, H, W] of the samples")
     sampler: str
     steps: int
-    eta: float
+    eta: float = Field(description="DDIM's η (0 for samplers without it)")
+    options: dict[str, Any] = Field(description="the sampler options this request set (request field names)")
     seed: int
     model: ModelInfo
     timing: Timing
 
 
-class ImagesRequest(_Strict):
+class ImagesRequest(Strict):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, …) of the "
                                                         "model's size; a data: URL prefix is accepted")
 

@@ -38,6 +38,9 @@ def test_health_ready_and_models(served):
     assert (info["image_size"], info["channels"], info["num_timesteps"]) == (8, 1, 1000)
     assert info["training_run_id"] == served.training_run_id
     assert info["replica"].startswith("SERVE_REPLICA::")
+    samplers = {s["name"]: s for s in info["samplers"]}  # from the sampler registry's catalog
+    assert list(samplers) == ["ddpm", "ddim"] and samplers["ddim"]["options"]["eta"] == 0.0
+    assert samplers["ddpm"]["default_steps"] is None and samplers["ddpm"]["options"]["clip_denoised"] is True
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 10), ("ddim", 5)])
@@ -110,13 +113,15 @@ def test_concurrent_requests_are_batched_and_keep_their_seeds(served):
 
 def test_incompatible_requests_in_one_batch_are_grouped(served):
     requests_ = [{"sampler": "ddim", "steps": 5, "num_images": 1, "seed": 1},
-                 {"sampler": "ddpm", "steps": 4, "num_images": 2, "seed": 1},
+                 {"sampler": "ddpm", "steps": 4, "num_images": 2, "seed": 1, "variance": "large",
+                  "spacing": "trailing"},
                  {"sampler": "ddim", "steps": 3, "num_images": 3, "seed": 1, "eta": 0.5}]
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda b: post(served, "/v1/samples", b), requests_))
     assert [r.status_code for r in results] == [200, 200, 200]
     assert [r.json()["shape"][0] for r in results] == [1, 2, 3]
     assert [r.json()["steps"] for r in results] == [5, 4, 3]
+    assert [r.json()["options"] for r in results] == [{}, {"variance": "large", "spacing": "trailing"}, {"eta": 0.5}]
 
 
 def test_likelihood(served):

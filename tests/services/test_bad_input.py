@@ -28,6 +28,9 @@ PNG_8x8, PNG_16x16 = _png(8), _png(16)
     ({"eta": -0.1}, "eta"),
     ({"eta": "high"}, "eta"),
     ({"sampler": "ddpm", "eta": 0.5}, "eta"),  # eta is DDIM's
+    ({"sampler": "ddim", "variance": "large"}, "variance"),  # variance is DDPM's
+    ({"sampler": "ddpm", "variance": "medium"}, "variance"),
+    ({"spacing": "cubic"}, "spacing"),
     ({"num_images": 0}, "num_images"),
     ({"num_images": 33}, "num_images"),   # > max_num_images (32 in the test deployment)
     ({"num_images": None}, "num_images"),
