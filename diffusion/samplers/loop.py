@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from diffusion.samplers.base import Progress
-from diffusion.schedule import NoiseSchedule, Spacing
+from diffusion.schedule import NoiseSchedule
 
 
 def model_eps(model: torch.nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -52,37 +50,16 @@ def sample(
     return state.x
 
 
-def ddpm_sample(
-    model: torch.nn.Module,
-    sched: NoiseSchedule,
-    shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
-    steps: int | None = None,
-    variance: Literal["small", "large"] = "small",
-    clip_x0: bool = True,
-    spacing: Spacing = "linspace",
-    x_T: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """Ancestral sampling (Alg. 2) from x_T ~ N(0, I) of `shape` [B, C, H, W]; `steps` < T respaces the schedule."""
-    return sample(model, sched, shape, "ddpm", steps, generator, x_T, device, progress, variance=variance,
-                  clip_x0=clip_x0, spacing=spacing)
+def ddpm_sample(model: torch.nn.Module, sched: NoiseSchedule, shape: tuple[int, ...],
+                generator: torch.Generator | None = None, steps: int | None = None, **kwargs) -> torch.Tensor:
+    """Ancestral sampling (Alg. 2) from x_T ~ N(0, I) of `shape` [B, C, H, W] on all T steps, or `steps` < T
+    respaced ("linspace" unless `spacing` says otherwise). kwargs: `variance` ("small" | "large"), `clip_x0`,
+    `spacing`, and `sample`'s `x_T`, `device`, `progress`."""
+    return sample(model, sched, shape, "ddpm", steps, generator, **kwargs)
 
 
-def ddim_sample(
-    model: torch.nn.Module,
-    sched: NoiseSchedule,
-    shape: tuple[int, ...],
-    steps: int = 50,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    clip_x0: bool = True,
-    spacing: Spacing = "leading",
-    x_T: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """DDIM sampling on `steps` respaced steps (τ by `spacing`; "leading" is the DDIM paper's uniform τ). → [B, C, H, W]."""
-    return sample(model, sched, shape, "ddim", steps, generator, x_T, device, progress, eta=eta, clip_x0=clip_x0,
-                  spacing=spacing)
+def ddim_sample(model: torch.nn.Module, sched: NoiseSchedule, shape: tuple[int, ...], steps: int = 50,
+                eta: float = 0.0, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """DDIM sampling on `steps` respaced steps (τ by `spacing`, default "leading": the DDIM paper's uniform τ).
+    kwargs: `clip_x0`, `spacing`, and `sample`'s `x_T`, `device`, `progress`. → [B, C, H, W]."""
+    return sample(model, sched, shape, "ddim", steps, generator, eta=eta, **kwargs)
