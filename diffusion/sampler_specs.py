@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SPACINGS = ("linspace", "leading", "trailing", "quadratic")
+# diffusion.schedule.spaced_timesteps' kinds, and "logsnr": uniform in log-SNR (diffusion.schedule.logsnr_timesteps)
+SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,9 @@ class OptionSpec:
 class SamplerSpec:
     """A sampler as callers see it.
 
-    default_steps  reverse steps when none are asked for: an int, capped at T, or None for all T steps
-    calls_per_step model calls (NFE) per reverse step
+    default_steps   reverse steps when none are asked for: an int, capped at T, or None for all T steps
+    calls_per_step  model calls (NFE) per reverse step, plus the value of option `calls_option` when set
+                    (a predictor–corrector's corrector steps); the last step makes `last_step_saves` fewer
     """
 
     name: str
@@ -49,6 +51,8 @@ class SamplerSpec:
     options: dict[str, OptionSpec]
     default_steps: int | None = 50
     calls_per_step: int = 1
+    calls_option: str | None = None
+    last_step_saves: int = 0
     paper: str = ""
     fields: tuple[str, ...] = field(init=False)
 
@@ -63,9 +67,12 @@ class SamplerSpec:
             raise ValueError(f"steps must be in [1, {T}] for this model, got {steps}")
         return steps
 
-    def model_calls(self, steps: int) -> int:
-        """NFE of a run of `steps` reverse steps."""
-        return steps * self.calls_per_step
+    def model_calls(self, steps: int, options: dict[str, Any] | None = None) -> int:
+        """NFE of a run of `steps` reverse steps with `options` (defaults where not given)."""
+        per_step = self.calls_per_step
+        if self.calls_option is not None:
+            per_step += (options or {}).get(self.calls_option, self.options[self.calls_option].default)
+        return steps * per_step - self.last_step_saves
 
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """Every option of this sampler, the given ones checked and the rest at their defaults. An option this
@@ -98,6 +105,26 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
         options={"eta": OptionSpec(0.0, "stochasticity η (0 = deterministic, 1 = DDPM posterior variance)",
                                    ge=0.0, le=1.0),
                  "clip_x0": _clip(), "spacing": _spacing("leading")}),
+    "sde": SamplerSpec(
+        "sde", "reverse-time VP SDE, ancestral discretisation x ← (x + β s) / √(1 − β) + √β z", default_steps=None,
+        paper="Song et al. 2021, reverse diffusion predictor", options={"spacing": _spacing("linspace")}),
+    "pc": SamplerSpec(
+        "pc", "predictor–corrector: the sde predictor plus Langevin corrector steps at each noise level",
+        default_steps=None, calls_option="corrector_steps", paper="Song et al. 2021, Alg. 5 (VP)",
+        options={"corrector_steps": OptionSpec(1, "Langevin corrector steps per noise level (each a model call)",
+                                               ge=0, le=10),
+                 "snr": OptionSpec(0.16, "corrector signal-to-noise ratio r: step 2α (r‖z‖ / ‖s‖)²", ge=0.0, le=1.0),
+                 "spacing": _spacing("linspace")}),
+    "ode-euler": SamplerSpec(
+        "ode-euler", "probability-flow ODE, Euler steps in σ = √(1 − ᾱ)/√ᾱ (equals DDIM at η = 0, unclipped)",
+        default_steps=50, paper="Song et al. 2021 eq. 13; Karras et al. 2022", options={"spacing": _spacing("linspace")}),
+    "ode-heun": SamplerSpec(
+        "ode-heun", "probability-flow ODE, Heun's 2nd-order steps in σ (Euler on the last step to σ = 0)",
+        default_steps=18, calls_per_step=2, last_step_saves=1, paper="Karras et al. 2022, Alg. 1",
+        options={"spacing": _spacing("linspace")}),
+    "dpmpp-2m": SamplerSpec(
+        "dpmpp-2m", "DPM-Solver++(2M): 2nd-order multistep ODE solver in data prediction on log-SNR",
+        default_steps=20, paper="Lu et al. 2022, Alg. 2", options={"clip_x0": _clip(), "spacing": _spacing("logsnr")}),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_SPECS)
 

@@ -162,3 +162,21 @@ def spaced_timesteps(T: int, n: int, kind: Spacing = "linspace") -> np.ndarray:
     if steps.size != n:
         raise ValueError(f"spacing {kind!r} gives duplicate steps for T={T}, n={n}")
     return steps
+
+
+def logsnr_timesteps(sched: NoiseSchedule, n: int) -> np.ndarray:
+    """n increasing indices of `sched` nearest to n points uniform in log-SNR λ = log(√ᾱ / √(1 − ᾱ)) between index
+    0 and index T−1 (DPM-Solver's time grid for pixel-space models, Lu et al. 2022); where λ changes faster than
+    one index per grid point (near t = 0) neighbours are pushed apart to keep the indices distinct."""
+    T = sched.num_timesteps
+    if not 1 <= n <= T:
+        raise ValueError(f"number of steps must be in [1, {T}], got {n}")
+    lam = 0.5 * np.log(sched.alphas_cumprod / (1.0 - sched.alphas_cumprod))  # decreasing in the index
+    targets = np.linspace(lam[0], lam[-1], n)
+    steps = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
+    for k in range(1, n):
+        steps[k] = max(steps[k], steps[k - 1] + 1)
+    steps[-1] = min(steps[-1], T - 1)
+    for k in range(n - 2, -1, -1):
+        steps[k] = min(steps[k], steps[k + 1] - 1)
+    return steps

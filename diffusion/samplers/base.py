@@ -19,16 +19,19 @@ from typing import Any, Callable
 import torch
 
 from diffusion.sampler_specs import SamplerSpec
-from diffusion.schedule import NoiseSchedule, spaced_timesteps
+from diffusion.schedule import NoiseSchedule, logsnr_timesteps, spaced_timesteps
 
 Progress = Callable[[int, int], None]
 
 
 @lru_cache(maxsize=128)
 def respaced(sched: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
-    """`sched` restricted to `steps` timesteps chosen by `spacing` (itself when steps = T). Cached per schedule."""
+    """`sched` restricted to `steps` timesteps chosen by `spacing` (itself when steps = T): one of
+    `spaced_timesteps`' kinds, or "logsnr" (uniform in log-SNR, `logsnr_timesteps`). Cached per schedule."""
     if steps == sched.num_timesteps:
         return sched
+    if spacing == "logsnr":
+        return sched.respace(logsnr_timesteps(sched, steps))
     return sched.respace(spaced_timesteps(sched.num_timesteps, steps, spacing))
 
 
@@ -85,4 +88,9 @@ class Sampler:
 
     def total_calls(self, state: SamplerState) -> int:
         """The NFE this run takes in all."""
-        return self.spec.model_calls(state.sched.num_timesteps)
+        return self.spec.model_calls(state.sched.num_timesteps, state.options)
+
+    @staticmethod
+    def advance(state: SamplerState, x: torch.Tensor) -> None:
+        """Move a run to its next reverse step at `x`, counting the model call that got it there."""
+        state.x, state.i, state.nfe = x, state.i - 1, state.nfe + 1

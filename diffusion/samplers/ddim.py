@@ -57,8 +57,7 @@ class DDIM(Sampler):
     def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
         eta = state.options["eta"]
         noise = draw_noise(state, generator) if eta > 0 and state.i > 0 else None
-        state.x = ddim_step(state.sched, eps, state.x, state.i, eta, noise, state.options["clip_x0"])
-        state.i, state.nfe = state.i - 1, state.nfe + 1
+        self.advance(state, ddim_step(state.sched, eps, state.x, state.i, eta, noise, state.options["clip_x0"]))
 
 
 @torch.no_grad()

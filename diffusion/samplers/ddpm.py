@@ -51,6 +51,5 @@ class DDPM(Sampler):
 
     def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
         noise = draw_noise(state, generator) if state.i > 0 else None
-        state.x = ddpm_step(state.sched, eps, state.x, state.i, noise, state.options["variance"],
-                            state.options["clip_x0"])
-        state.i, state.nfe = state.i - 1, state.nfe + 1
+        self.advance(state, ddpm_step(state.sched, eps, state.x, state.i, noise, state.options["variance"],
+                                      state.options["clip_x0"]))

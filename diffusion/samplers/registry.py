@@ -6,8 +6,12 @@ from diffusion.sampler_specs import SAMPLER_NAMES, sampler_spec
 from diffusion.samplers.base import Sampler
 from diffusion.samplers.ddim import DDIM
 from diffusion.samplers.ddpm import DDPM
+from diffusion.samplers.dpm_solver import DPMSolverPP2M
+from diffusion.samplers.ode import ODEEuler, ODEHeun
+from diffusion.samplers.sde import PredictorCorrector, ReverseSDE
 
-SAMPLERS: dict[str, Sampler] = {s.spec.name: s for s in (DDPM(), DDIM())}
+SAMPLERS: dict[str, Sampler] = {s.spec.name: s for s in (DDPM(), DDIM(), ReverseSDE(), PredictorCorrector(),
+                                                          ODEEuler(), ODEHeun(), DPMSolverPP2M())}
 assert tuple(SAMPLERS) == SAMPLER_NAMES, "every catalog entry needs an implementation and vice versa"
 
 

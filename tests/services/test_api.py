@@ -9,6 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
+from diffusion.sampler_specs import SAMPLER_NAMES
 from services.client import APIError, SamplerClient
 from services.client_cli import main as cli_main
 from tests.services.conftest import MODEL_NAME, digits_x0
@@ -39,7 +40,7 @@ def test_health_ready_and_models(served):
     assert info["training_run_id"] == served.training_run_id
     assert info["replica"].startswith("SERVE_REPLICA::")
     samplers = {s["name"]: s for s in info["samplers"]}  # from the sampler registry's catalog
-    assert list(samplers) == ["ddpm", "ddim"] and samplers["ddim"]["options"]["eta"] == 0.0
+    assert tuple(samplers) == SAMPLER_NAMES and samplers["ddim"]["options"]["eta"] == 0.0
     assert samplers["ddpm"]["default_steps"] is None and samplers["ddpm"]["options"]["clip_denoised"] is True
 
 
@@ -147,6 +148,27 @@ def test_streaming_progress(served):
     assert result.response["images"] == same["images"]
     bad = requests.post(served.url + "v1/samples/stream", json={"steps": 0}, timeout=30)
     assert bad.status_code == 422 and bad.json()["message"].startswith("steps")
+
+
+def test_score_samplers_and_solvers_over_http_mixed_in_one_batch(served):
+    """Every registered sampler through POST /v1/samples at once (their requests share the model calls); the
+    stream of a two-call Heun run counts model calls, not steps."""
+    bodies = [{"sampler": "sde", "steps": 8, "num_images": 2, "seed": 1},
+              {"sampler": "pc", "steps": 4, "num_images": 2, "seed": 1, "corrector_steps": 1, "snr": 0.1},
+              {"sampler": "ode-euler", "steps": 5, "num_images": 2, "seed": 1},
+              {"sampler": "ode-heun", "steps": 4, "num_images": 2, "seed": 1},
+              {"sampler": "dpmpp-2m", "steps": 6, "num_images": 2, "seed": 1, "clip_denoised": False}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: post(served, "/v1/samples", b), bodies))
+    assert [r.status_code for r in results] == [200] * len(bodies), [r.text for r in results]
+    assert [(r.json()["sampler"], r.json()["steps"]) for r in results] == [(b["sampler"], b["steps"]) for b in bodies]
+    assert results[1].json()["options"] == {"corrector_steps": 1, "snr": 0.1}
+    again = post(served, "/v1/samples", bodies[4]).json()
+    assert again["images"] == results[4].json()["images"]  # batched or alone, a seed gives its images
+    calls = []
+    SamplerClient(served.url).samples_stream(progress=lambda k, n: calls.append((k, n)), sampler="ode-heun", steps=4,
+                                             num_images=1, seed=3)
+    assert calls == [(k, 7) for k in range(1, 8)]
 
 
 def test_interpolate(served):

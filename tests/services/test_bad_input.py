@@ -31,6 +31,10 @@ PNG_8x8, PNG_16x16 = _png(8), _png(16)
     ({"sampler": "ddim", "variance": "large"}, "variance"),  # variance is DDPM's
     ({"sampler": "ddpm", "variance": "medium"}, "variance"),
     ({"spacing": "cubic"}, "spacing"),
+    ({"sampler": "pc", "corrector_steps": 11}, "corrector_steps"),
+    ({"sampler": "pc", "corrector_steps": 1.5}, "corrector_steps"),
+    ({"sampler": "ddim", "corrector_steps": 2}, "corrector_steps"),  # a predictor-corrector option
+    ({"sampler": "pc", "snr": -0.5}, "snr"),
     ({"num_images": 0}, "num_images"),
     ({"num_images": 33}, "num_images"),   # > max_num_images (32 in the test deployment)
     ({"num_images": None}, "num_images"),

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from diffusion.packaged import DiffusionModel
+from diffusion.sampler_specs import SAMPLER_NAMES
 from diffusion.samplers import ddim_sample, ddpm_sample
 from diffusion.unet import UNet, UNetConfig
 from services import codec
@@ -52,6 +53,24 @@ def test_batched_jobs_keep_their_own_noise_and_order(engine):
         assert np.array_equal(codec.to_uint8(images.numpy()), codec.to_uint8(alone.numpy()))
     assert not torch.equal(merged[0], merged[2][:2]), "different seeds must give different images"
     assert not torch.equal(merged[0], merged[3]), "clip_x0=False must change the images"
+
+
+def test_every_registered_sampler_shares_model_calls_and_keeps_its_images(engine):
+    """Requests of all samplers (multistep, two-call Heun, predictor–corrector) and step counts in one batch: each
+    model call serves them all, and every request ends with the images it gets alone and its own NFE."""
+    jobs = [SampleJob(name, 4, 2, seed=k, options={"corrector_steps": 2} if name == "pc" else {})
+            for k, name in enumerate(SAMPLER_NAMES)]
+    trajectories = [engine.start(job) for job in jobs]
+    ticks = 0
+    while not all(tr.done for tr in trajectories):
+        engine.tick(trajectories)
+        ticks += 1
+    assert ticks == max(tr.progress[1] for tr in trajectories) == 12  # pc: 4 levels × (1 + 2 corrector calls)
+    assert {job.sampler: tr.progress[0] for job, tr in zip(jobs, trajectories)} == {
+        "ddpm": 4, "ddim": 4, "sde": 4, "pc": 12, "ode-euler": 4, "ode-heun": 7, "dpmpp-2m": 4}
+    for job, tr in zip(jobs, trajectories):
+        (alone,) = engine.sample([job])
+        torch.testing.assert_close(engine.result(tr), alone, rtol=0, atol=1e-5)
 
 
 def test_requests_joining_mid_flight_keep_their_seeds(engine):
