@@ -28,41 +28,34 @@ DEFAULT_PIPELINE = "configs/local.yaml"
 COMMANDS_GROUP = "raydiff.commands"
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived (raised in the main thread by `stop_on_signals`)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn the first SIGINT or SIGTERM into `Stopped`; later ones are ignored, so the shutdown they started ends
-    cleanly. Ray's own SIGTERM handling (an exit with a native stack dump) stays out of the way."""
-    stopping: list[int] = []
+def stop_on_signals() -> Iterator[list[int]]:
+    """Turn the first SIGINT or SIGTERM into KeyboardInterrupt and record it in the yielded list (Ray re-raises an
+    interrupt that arrives while it waits as a plain KeyboardInterrupt); later ones are ignored, so the shutdown they
+    started ends cleanly. Ray's own SIGTERM handling (an exit with a native stack dump) stays out of the way."""
+    received: list[int] = []
 
     def stop(signum: int, frame) -> None:
-        if not stopping:
-            stopping.append(signum)
-            raise Stopped(signum)
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def shutdown_ray(started_here: bool) -> None:
-    """Leave Ray: a local instance this process started goes down with its Serve applications; a cluster that was
-    joined is only disconnected from."""
+def shutdown_ray(stop_serve: bool) -> None:
+    """Shut Serve down first when asked (its replicas finish their requests), then leave Ray: a local instance this
+    process started goes down with it, a cluster that was joined is only disconnected from."""
     import ray
 
     if not ray.is_initialized():
         return
-    if started_here:
+    if stop_serve:
         from ray import serve
 
         serve.shutdown()
@@ -115,18 +108,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     runner = Runner(spec, no_cache=args.no_cache)
-    with stop_on_signals():
+    with stop_on_signals() as received:
         try:
             result = runner.run()
         except PipelineFailed as failure:
             print(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}", file=sys.stderr)
             print(f"  run id    {failure.result.run_id}\n  MLflow    {failure.result.mlflow_url}", file=sys.stderr)
             return 1
-        except Stopped as stop:
-            print(f"[raydiff] {stop}: pipeline {spec.name!r} stopped, its MLflow runs marked KILLED; run it again to "
-                  "resume", file=sys.stderr, flush=True)
-            shutdown_ray(runner.started_ray)
-            return 128 + stop.signum
+        except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT
+            print(f"[raydiff] {signal.Signals(signum).name}: pipeline {spec.name!r} stopped, its MLflow runs marked "
+                  "KILLED; run it again to resume", file=sys.stderr, flush=True)
+            shutdown_ray(stop_serve=False)
+            return 128 + signum
         endpoints = result.values_of_kind("deploy", "url")
         serving = bool(endpoints) and runner.started_ray and not args.no_serve_wait
         try:
@@ -136,10 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "(--no-serve-wait exits right after deploying)", flush=True)
                 while True:
                     time.sleep(3600)
-        except Stopped as stop:
-            print(f"[raydiff] {stop}: stopping", flush=True)
+        except KeyboardInterrupt:
+            print(f"[raydiff] {signal.Signals(received[0] if received else signal.SIGINT).name}: stopping", flush=True)
         if serving:
-            shutdown_ray(True)
+            shutdown_ray(stop_serve=True)
     return 0
 
 

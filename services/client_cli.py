@@ -15,7 +15,22 @@ import sys
 import time
 
 
+def stop_on_signals(received: list[int]) -> None:
+    """The first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread and is appended to `received`, also
+    when started in the background (where SIGINT may be ignored) and in place of Ray's SIGTERM handler (an exit with
+    a native stack dump); later ones are ignored, so the shutdown the first one started ends cleanly."""
+
+    def stop(signum: int, frame) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM, then shut Serve and Ray down and exit 0."""
     import ray
     from ray import serve
 
@@ -24,22 +39,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri[10:].startswith("/"):
         tracking_uri = "sqlite:///" + os.path.abspath(tracking_uri[10:])  # replicas run in other directories
-    ray.init(address=args.address, include_dashboard=False, **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
-    extra = {"device": args.device, "max_num_images": args.max_num_images, "request_timeout_s": args.request_timeout}
-    url = deploy(args.model_uri, tracking_uri, route_prefix=args.route_prefix, host=args.host, port=args.port,
-                 replicas=args.replicas, max_batch_size=args.max_batch_size, name=args.name, **extra)
-    print(f"[raydiff] serving {args.model_uri} at {url}", flush=True)
-    print(f"[raydiff] API docs {url.rstrip('/')}/docs   (Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    received: list[int] = []
+    stop_on_signals(received)
     try:
+        ray.init(address=args.address, include_dashboard=False,
+                 **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
+        stop_on_signals(received)  # ray.init replaced the SIGTERM handler
+        extra = {"device": args.device, "max_num_images": args.max_num_images,
+                 "request_timeout_s": args.request_timeout}
+        url = deploy(args.model_uri, tracking_uri, route_prefix=args.route_prefix, host=args.host, port=args.port,
+                     replicas=args.replicas, max_batch_size=args.max_batch_size, name=args.name, **extra)
+        print(f"[raydiff] serving {args.model_uri} at {url}", flush=True)
+        print(f"[raydiff] API docs {url.rstrip('/')}/docs   (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("[raydiff] stopping", flush=True)
+        print(f"[raydiff] {signal.Signals(received[0] if received else signal.SIGINT).name}: stopping", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 

@@ -168,8 +168,11 @@ class Runner:
                 job = running.pop(ready[0])
                 self._finish(job, ready[0], running, result)
         except BaseException:
-            for ref, job in running.items():
+            for ref in running:
                 ray.cancel(ref, force=True)
+            if running:  # the tasks are gone before their runs are marked, so none can still mark its own
+                ray.wait(list(running), num_returns=len(running), timeout=30.0)
+            for job in running.values():
                 if job["run_id"]:
                     self.client.set_terminated(job["run_id"], status="KILLED")
             raise
