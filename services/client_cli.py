@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+from diffusion.sampler_specs import SAMPLER_NAMES
+
 
 def stop_on_signals(received: list[int]) -> None:
     """The first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread and is appended to `received`, also
@@ -110,9 +112,9 @@ def add_commands(subparsers) -> None:
 
     sample = subparsers.add_parser("sample", help="request samples from a running endpoint")
     sample.add_argument("--url", default="http://127.0.0.1:8000")
-    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    sample.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")
-    sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
+    sample.add_argument("--steps", type=int, default=None, help="default: the sampler's (T for ddpm, 50 for ddim)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's η")
     sample.add_argument("-n", "--num-images", type=int, default=16)
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--nrow", type=int, default=None)

@@ -1,5 +1,5 @@
-"""The evaluate stage: held-out bits/dim (full ELBO), FID against held-out data, and the DDPM-vs-DDIM
-quality/time table (Song et al. 2021, Table 1), with plots and sample grids written as files.
+"""The evaluate stage: held-out bits/dim (full ELBO), FID against held-out data, and the quality/time table of any
+registered samplers (DDPM vs DDIM as in Song et al. 2021, Table 1), with plots and sample grids written as files.
 
 config.py     EvaluateConfig (frozen pydantic)
 stage.py      run_evaluate, and KIND: the stage the pipeline runner calls (loads the model and the splits)

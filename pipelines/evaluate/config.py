@@ -13,7 +13,8 @@ from pipelines.strict import StrictConfig
 class EvaluateConfig(StrictConfig):
     """bits/dim on bpd_batches × bpd_batch_size test images; FID of num_fid_samples per sampler against test images.
 
-    samplers             "<ddpm|ddim>-<steps>" strings, one table row each (DDIM with η = 0)
+    samplers             "<sampler>-<steps>" strings, one table row each; a sampler is a name in
+                         diffusion.sampler_specs.SAMPLER_NAMES at its default options (DDIM with η = 0)
     fid_feature_net      "digits": a small CNN trained on the TRAIN split (cached under feature_cache_dir);
                          "inception": pytorch-fid's Inception-v3 from the local state-dict file inception_weights
     feature_cache_dir    where the digits feature net is cached; None means ~/.cache/raydiff

@@ -1,35 +1,43 @@
-"""Sampler strings ("ddpm-1000", "ddim-50") and timed, seeded generation of samples from a DiffusionModel."""
+"""Sampler strings ("ddpm-1000", "ddim-50", "ode-heun-18") and timed, seeded generation of samples from a
+DiffusionModel with any sampler of `diffusion.samplers.SAMPLERS` (at its default options: DDIM η = 0)."""
 
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-from diffusion.samplers import ddim_sample, ddpm_sample
+from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS
+from diffusion.samplers import sample
 
-SamplerKind = Literal["ddpm", "ddim"]
-_PATTERN = re.compile(r"(ddpm|ddim)-([1-9][0-9]*)")
+_STEPS = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One row of the quality table: DDPM ancestral sampling or DDIM η = 0 on `steps` respaced steps."""
+    """One row of the quality table: sampler `kind` (a name in SAMPLER_NAMES) on `steps` reverse steps."""
 
     name: str
-    kind: SamplerKind
+    kind: str
     steps: int
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls (NFE) to sample one batch."""
+        return SAMPLER_SPECS[self.kind].model_calls(self.steps)
 
 
 def parse_sampler(text: str) -> SamplerSpec:
-    """"ddim-50" → SamplerSpec("ddim-50", "ddim", 50). Raises ValueError naming the string otherwise."""
-    match = _PATTERN.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"sampler {text!r} is not of the form '<ddpm|ddim>-<steps>', e.g. 'ddpm-1000' or 'ddim-50'")
-    return SamplerSpec(name=text, kind=match.group(1), steps=int(match.group(2)))  # type: ignore[arg-type]
+    """"ddim-50" → SamplerSpec("ddim-50", "ddim", 50); the steps follow the last hyphen, so names may hold hyphens
+    ("ode-heun-18"). Raises ValueError naming the string otherwise."""
+    kind, _, steps = text.rpartition("-") if isinstance(text, str) else ("", "", "")
+    if kind not in SAMPLER_NAMES or not _STEPS.fullmatch(steps):
+        raise ValueError(f"sampler {text!r} is not of the form '<name>-<steps>' with a name in "
+                         f"{', '.join(SAMPLER_NAMES)}, e.g. 'ddpm-1000' or 'ddim-50'")
+    return SamplerSpec(name=text, kind=kind, steps=int(steps))
 
 
 def check_steps(spec: SamplerSpec, num_timesteps: int) -> None:
@@ -75,10 +83,7 @@ def generate_samples(
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         shape = (min(batch_size, num_samples - first), *model.image_shape)
-        if spec.kind == "ddpm":
-            x = ddpm_sample(model, sched, shape, generator=generator, steps=spec.steps, progress=step_callback)
-        else:
-            x = ddim_sample(model, sched, shape, steps=spec.steps, eta=0.0, generator=generator, progress=step_callback)
+        x = sample(model, sched, shape, spec.kind, spec.steps, generator=generator, progress=step_callback)
         batches.append(x.clamp(-1.0, 1.0).cpu())  # .cpu() waits for the device, so the timing is complete
     seconds = time.perf_counter() - start
     return GeneratedSamples(images=torch.cat(batches), seconds=seconds)

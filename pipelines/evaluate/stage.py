@@ -79,7 +79,7 @@ def run_evaluate(
 
     scale = max(1, 64 // model.image_shape[-1])
     for spec in specs:
-        calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * spec.steps
+        calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * spec.model_calls
         with tqdm(total=calls, desc=spec.name, disable=not progress) as bar:
             samples = generate_samples(model, spec, config.num_fid_samples, config.sample_batch_size, config.seed,
                                        bar.update)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from diffusion.packaged import DiffusionModel
-from diffusion.samplers import ddim_sample, ddpm_sample
+from diffusion.samplers import sample
 from pipelines.evaluate.bpd import evaluate_bpd, plot_vb_per_t
 from pipelines.evaluate.grid import save_grid
 
@@ -25,16 +25,14 @@ def heldout_elbo(model: DiffusionModel, images: torch.Tensor, batch_size: int, p
 @torch.no_grad()
 def sample_grids(model: DiffusionModel, num_images: int, ddpm_steps: int | None, ddim_steps: int, directory: Path,
                  tag: str, seed: int = 0) -> list[Path]:
-    """DDPM and DDIM sample grids from the same seed; returns the PNG paths."""
+    """DDPM (all T steps when ddpm_steps is None) and DDIM sample grids from the same seed; returns the PNG paths."""
     device = next(model.parameters()).device
     sched, shape = model.schedule(), (num_images, *model.image_shape)
     nrow = max(1, int(num_images**0.5))
     paths = []
-    for name, sample in (
-        (f"ddpm-{ddpm_steps or sched.num_timesteps}", lambda g: ddpm_sample(model, sched, shape, g, steps=ddpm_steps)),
-        (f"ddim-{ddim_steps}", lambda g: ddim_sample(model, sched, shape, steps=ddim_steps, generator=g)),
-    ):
-        images = sample(torch.Generator(device=device).manual_seed(seed))
+    for sampler, steps in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
+        images = sample(model, sched, shape, sampler, steps, generator=torch.Generator(device=device).manual_seed(seed))
+        name = f"{sampler}-{steps or sched.num_timesteps}"
         paths.append(save_grid(images.cpu(), directory / f"{name}_{tag}.png", nrow=nrow, scale=4))
     return paths
 

@@ -52,7 +52,8 @@ def trained_model(digits):
 
 
 @pytest.mark.parametrize("text, kind, steps", [("ddpm-1000", "ddpm", 1000), ("ddim-10", "ddim", 10),
-                                               ("ddpm-1", "ddpm", 1)])
+                                               ("ddpm-1", "ddpm", 1), ("ode-heun-18", "ode-heun", 18),
+                                               ("dpmpp-2m-10", "dpmpp-2m", 10)])
 def test_parse_sampler(text, kind, steps):
     assert parse_sampler(text) == SamplerSpec(text, kind, steps)
 
