@@ -1,7 +1,8 @@
 """The page at `/`: try the sampler in a browser (plain HTML + fetch, no external assets).
 
 Query parameters prefill the form (`sampler`, `steps`, `eta`, `n`, `seed`); `run=1` samples on load. The sampler
-list and which samplers take η come from the sampler catalog (`diffusion.sampler_specs`).
+list and which samplers take η come from the sampler catalog (`diffusion.sampler_specs`); sampling goes through
+the streaming endpoint, so a progress bar follows each model call.
 """
 
 import json
@@ -26,7 +27,8 @@ INDEX_HTML = """<!doctype html>
   label { display: flex; flex-direction: column; font-size: 12px; gap: 4px; }
   input, select { font-size: 14px; padding: 4px 6px; width: 90px; }
   button { font-size: 14px; padding: 6px 18px; background: #1f4fd1; color: #fff; border: 0; border-radius: 6px; }
-  #status { margin: 12px 0; font-size: 13px; min-height: 18px; }
+  #status { margin: 4px 0 12px; font-size: 13px; min-height: 18px; }
+  #bar { width: 384px; height: 6px; margin-top: 12px; accent-color: #1f4fd1; }
   #status.error { color: #b00020; }
   #grid { image-rendering: pixelated; width: 384px; border: 1px solid #ccc; background: #fff; display: none; }
 </style>
@@ -42,6 +44,7 @@ INDEX_HTML = """<!doctype html>
   <label>seed <input id="seed" type="number" min="0" placeholder="random"></label>
   <button id="go" type="submit">Sample</button>
 </form>
+<progress id="bar" value="0" max="1"></progress>
 <div id="status"></div>
 <img id="grid" alt="samples">
 <script>
@@ -72,14 +75,32 @@ async function sample(event) {
   status("sampling…");
   $("go").disabled = true;
   try {
-    const r = await fetch(base + "/v1/samples", { method: "POST", headers: { "content-type": "application/json" },
-                                                  body: JSON.stringify(body) });
-    const out = await r.json();
-    if (!r.ok) { status(`error ${r.status}: ${out.message}`, true); return; }
+    const r = await fetch(base + "/v1/samples/stream", { method: "POST",
+                                                         headers: { "content-type": "application/json" },
+                                                         body: JSON.stringify(body) });
+    if (!r.ok) { const err = await r.json(); status(`error ${r.status}: ${err.message}`, true); return; }
+    const reader = r.body.getReader(), decoder = new TextDecoder();
+    let buffer = "", out = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      for (let nl = buffer.indexOf("\\n"); nl >= 0; nl = buffer.indexOf("\\n")) {
+        const event = JSON.parse(buffer.slice(0, nl));
+        buffer = buffer.slice(nl + 1);
+        if (event.event === "progress") {
+          $("bar").max = event.of; $("bar").value = event.step;
+          document.body.dataset.progress = `${event.step}/${event.of}`;
+          status(`model call ${event.step} / ${event.of}…`);
+        } else if (event.event === "error") { status("error: " + event.message, true); return; }
+        else out = event;
+      }
+    }
+    if (!out) { status("the stream ended without a result", true); return; }
     $("grid").src = "data:image/png;base64," + out.images[0];
     $("grid").style.display = "block";
     status(`done: ${out.shape[0]} images, ${out.sampler} ${out.steps} steps, seed ${out.seed}, ` +
-           `${out.timing.total_s.toFixed(2)} s (batch of ${out.timing.batch_requests} requests)`);
+           `${out.timing.total_s.toFixed(2)} s (${$("bar").max} model calls)`);
     document.body.dataset.sampled = "1";
   } catch (e) { status("request failed: " + e, true); }
   finally { $("go").disabled = false; }

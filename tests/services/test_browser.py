@@ -1,13 +1,23 @@
-"""The page at `/` in headless Chromium (Debian `chromium`): it loads, samples on `?run=1` and shows the grid.
+"""The page at `/` in headless Chromium (Debian `chromium`): it loads, samples on `?run=1` through the streaming
+endpoint, shows per-call progress and the grid.
 
 Fails (does not skip) without Chromium: `apt-get install -y chromium`.
 """
 
+import base64
+import io
+import json
 import shutil
 import subprocess
+import time
+from contextlib import contextmanager
 
 import numpy as np
+import requests
 from PIL import Image
+from websockets.sync.client import connect
+
+from tests.conftest import free_port
 
 WINDOW = (900, 700)
 
@@ -20,28 +30,70 @@ def chromium() -> str:
                          "(Debian/Ubuntu) — CI's setup script does")
 
 
-def run_chromium(tmp_path, url: str, *action: str) -> subprocess.CompletedProcess:
+@contextmanager
+def page(tmp_path, url: str):
+    """Headless Chromium on `url`, driven in real time over the DevTools protocol (virtual time would run past a
+    streamed response): yields `evaluate(js) -> value`; the browser is killed afterwards."""
+    port = free_port()
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=20000", "--hide-scrollbars",
-               *action, url]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+               "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+               f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars", url]
+    browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = requests.get(f"http://127.0.0.1:{port}/json", timeout=5).json()
+                target = next(t for t in targets if t.get("type") == "page")
+                break
+            except (requests.RequestException, StopIteration):
+                assert time.monotonic() < deadline and browser.poll() is None, "Chromium did not start"
+                time.sleep(0.3)
+        with connect(target["webSocketDebuggerUrl"], max_size=2**26) as socket:
+            ids = iter(range(1, 10**9))
+
+            def call(method: str, **params) -> dict:
+                number = next(ids)
+                socket.send(json.dumps({"id": number, "method": method, "params": params}))
+                while True:
+                    message = json.loads(socket.recv(timeout=60))
+                    if message.get("id") == number:
+                        assert "error" not in message, message
+                        return message["result"]
+
+            def evaluate(expression: str):
+                return call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+            evaluate.call = call
+            yield evaluate
+    finally:
+        browser.kill()
+        browser.wait(10)
+
+
+def wait_for(evaluate, expression: str, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while not (value := evaluate(expression)):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.2)
+    return value
 
 
 def test_page_samples_and_renders(served, tmp_path):
     url = served.url + "?run=1&sampler=ddim&steps=5&n=16&seed=0"
-    dom = run_chromium(tmp_path, url, "--dump-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-sampled="1"' in dom.stdout, f"page never showed samples:\n{dom.stdout[-3000:]}"
-    assert "done: 16 images, ddim 5 steps, seed 0" in dom.stdout
-    assert 'src="data:image/png;base64,' in dom.stdout
-    assert "digits-tiny v1 @champion" in dom.stdout  # the model line, filled from /v1/models
-
-    shot = tmp_path / "page.png"
-    result = run_chromium(tmp_path, url, f"--screenshot={shot}")
-    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    with page(tmp_path, url) as evaluate:
+        wait_for(evaluate, "document.body.dataset.sampled === '1'")
+        dom = evaluate("document.documentElement.outerHTML")
+        assert "done: 16 images, ddim 5 steps, seed 0" in dom and "(5 model calls)" in dom
+        assert 'data-progress="5/5"' in dom  # the streamed per-call progress reached the page
+        assert 'src="data:image/png;base64,' in dom
+        wait_for(evaluate, "document.getElementById('model').textContent.includes('@champion')")
+        assert "digits-tiny v1 @champion" in evaluate("document.getElementById('model').textContent")
+        evaluate.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
+                      mobile=False)
+        shot = evaluate.call("Page.captureScreenshot", format="png")["data"]
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot))).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (WINDOW[1], WINDOW[0])
     # The page is light (#f4f5f7) with dark text above y ≈ 190 (heading, model line, form, status); below that the
     # sample grid, 384 px wide, is the only dark area (digits on a black background).
