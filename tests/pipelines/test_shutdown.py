@@ -16,6 +16,8 @@ import pytest
 from pipelines.stage import StageKind, StageResult
 from pipelines.strict import StrictConfig
 from tests.conftest import free_port
+from tests.pipelines.test_pipeline_resume import PIPELINE as TRAINING
+from tests.pipelines.test_pipeline_resume import checkpoint_registered
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_DAEMONS = ("raylet", "gcs_server")
@@ -43,29 +45,6 @@ stages:
   deploy: {{needs: [model], port: {port}, name: stop-test}}
 """
 
-TRAINING = """
-name: stopped-training
-tracking: {{uri: "sqlite:///{tmp}/mlruns.db", experiment: stopped}}
-storage: {{root: "{tmp}/store"}}
-cluster: {{address: local, num_cpus: 4}}
-stages:
-  ingest: {{image: {{size: 8, channels: 1}}, shard: {{samples_per_shard: 512}}}}
-  train:
-    needs: [ingest]
-    model: {{preset: tiny}}
-    schedule: {{num_timesteps: 100}}
-    steps: {steps}
-    batch_size: 32
-    workers: 1
-    warmup_steps: 10
-    checkpoint_every: 10
-    eval_every: 0
-    eval_batches: 1
-    eval_batch_size: 16
-    sample_grid: 4
-    sample_ddim_steps: 2
-    sample_ddpm_steps: 2
-"""
 TRAINING_STEPS = 400  # far more than run before the signal
 
 
@@ -167,20 +146,15 @@ def test_run_stops_serving_on_ctrl_c(tmp_path, logged_model):
 
 
 def test_run_stopped_mid_training_exits_143_with_its_runs_killed(tmp_path):
-    """The next run resumes from the checkpoint as after a crash (tests/pipelines/test_pipeline_resume.py): the
+    """The pipeline of tests/pipelines/test_pipeline_resume.py, whose next run resumes from the checkpoint: the
     training run is reopened whatever its status."""
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(TRAINING.format(tmp=tmp_path, steps=TRAINING_STEPS))
-
-    def checkpoint_registered() -> bool:
-        snapshots = list(tmp_path.glob("store/stages/train-*/ray/train/checkpoint_manager_snapshot.json"))
-        return bool(snapshots) and "checkpoint_" in snapshots[0].read_text()
-
     run = Raydiff(["run", str(pipeline)], tmp_path, "run")
-    run.wait_for(checkpoint_registered, timeout=300)
+    run.wait_for(lambda: checkpoint_registered(tmp_path), timeout=300)
     assert run.stop(signal.SIGTERM) == 128 + signal.SIGTERM, run.logs()
     run.assert_clean()
-    assert "SIGTERM: pipeline 'stopped-training' stopped" in run.err.read_text()
+    assert "SIGTERM: pipeline 'resume-tiny' stopped" in run.err.read_text()
     train_dir = next(tmp_path.glob("store/stages/train-*"))
     assert not (train_dir / "raydiff-stage.json").exists(), "training finished before the signal; raise STEPS"
     from mlflow.tracking import MlflowClient
