@@ -29,6 +29,8 @@ from pipelines.evaluate.table import write_table_markdown
 
 HERE = Path(__file__).resolve().parent
 QUALITY_PLOT = HERE / "quality_fid_vs_steps.png"
+# One request kind per client, cycling: six samplers with 35–50 model calls each share the replica's model calls.
+MIXED_LOAD = ["ddim-50", "dpmpp-2m-20", "ode-heun-18", "sde-50", "pc-25", "ddpm-50"]
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -75,6 +77,8 @@ def benchmarks(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
                              "--tracking-uri", args.tracking_uri, "--output-dir", str(out / "sampling_quality"),
                              "--json", str(out / "sampling_quality.json")],
         "serve_load": [*py, "benchmarks.serve_load", *quick, "--json", str(out / "serve_load.json")],
+        "serve_load_mixed": [*py, "benchmarks.serve_load", *quick, "--samplers", *MIXED_LOAD,
+                             "--json", str(out / "serve_load_mixed.json")],
     }
 
 

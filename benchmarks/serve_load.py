@@ -11,9 +11,13 @@ request, and the same torch thread count for the model. Rows:
 4. the model call size (images per step, from the replica's counters) under load vs the full batch.
 
 On a small CPU host the HTTP stack (proxy, ingress, the clients themselves) competes with the model for cores, so
-few cheap steps per request (e.g. --steps 10) measure mostly that overhead.
+few cheap steps per request (e.g. --samplers ddim-10) measure mostly that overhead.
 
     python -m benchmarks.serve_load [--quick] [--json PATH] [--clients 16] [--model-uri URI --tracking-uri URI]
+        [--samplers ddim-50 dpmpp-2m-20 ode-heun-18 ...]
+
+With several `--samplers` (NAME-STEPS, any registered sampler) client k sends the k-th one (cyclically), and the
+in-process baseline batches the same mix: requests of different samplers and step counts share every model call.
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ import requests
 import torch
 
 from benchmarks.report import Row, emit
+from diffusion.sampler_specs import SAMPLER_NAMES, sampler_spec
 from services.engine import Engine, SampleJob
+
+
+def parse_sampler(text: str) -> tuple[str, int]:
+    """'dpmpp-2m-20' → ("dpmpp-2m", 20): the steps follow the last hyphen."""
+    name, _, steps = text.rpartition("-")
+    sampler_spec(name)
+    if not steps.isdigit():
+        raise SystemExit(f"--samplers {text!r}: expected NAME-STEPS, e.g. ddim-50")
+    return name, int(steps)
 
 
 def free_port() -> int:
@@ -68,9 +82,11 @@ def register_model(tmp: Path, preset: str) -> tuple[str, str]:
     return "models:/bench@champion", uri
 
 
-def in_process_rate(engine: Engine, job: SampleJob, batch_requests: int, seconds: float) -> tuple[float, float]:
-    """(images/s, seconds per full batch) of `batch_requests` copies of `job` sampled as one batch."""
-    jobs = [SampleJob(**{**job.__dict__, "seed": k}) for k in range(batch_requests)]
+def in_process_rate(engine: Engine, mix: list[SampleJob], batch_requests: int,
+                    seconds: float) -> tuple[float, float]:
+    """(images/s, seconds per full batch) of `batch_requests` requests, the k-th a copy of mix[k % len(mix)], sampled
+    as one batch."""
+    jobs = [SampleJob(**{**mix[k % len(mix)].__dict__, "seed": k}) for k in range(batch_requests)]
     engine.sample(jobs)  # warm-up
     times = []
     start = time.perf_counter()
@@ -79,12 +95,12 @@ def in_process_rate(engine: Engine, job: SampleJob, batch_requests: int, seconds
         engine.sample(jobs)
         times.append(time.perf_counter() - t0)
     per_batch = statistics.median(times)
-    return batch_requests * job.num_images / per_batch, per_batch
+    return sum(job.num_images for job in jobs) / per_batch, per_batch
 
 
-def http_load(url: str, body: dict, clients: int, duration: float, max_requests: int) -> dict:
-    """`clients` threads, each with its own connection, posting `body` back to back until `duration` seconds or
-    `max_requests` requests. → images/s, latencies, status counts, batch sizes."""
+def http_load(url: str, bodies: list[dict], clients: int, duration: float, max_requests: int) -> dict:
+    """`clients` threads, each with its own connection, client k posting bodies[k % len(bodies)] back to back until
+    `duration` seconds or `max_requests` requests. → images/s, latencies, status counts, batch sizes."""
     assert url.startswith(("http://127.0.0.1:", "http://localhost:")), "the load test stays on loopback"
     stop_at = time.perf_counter() + duration
     lock = threading.Lock()
@@ -101,7 +117,8 @@ def http_load(url: str, body: dict, clients: int, duration: float, max_requests:
                 return
             t0 = time.perf_counter()
             try:
-                r = session.post(url + "v1/samples", json={**body, "seed": k * 1_000_000 + i}, timeout=300)
+                r = session.post(url + "v1/samples", json={**bodies[k % len(bodies)], "seed": k * 1_000_000 + i},
+                                 timeout=300)
                 status, payload = r.status_code, (r.json() if r.status_code == 200 else None)
             except requests.RequestException as error:
                 status, payload = type(error).__name__, None
@@ -131,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds of HTTP load per round (default 20, "
                                                                      "quick 10)")
     parser.add_argument("--max-requests", type=int, default=1000, help="per client")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    parser.add_argument("--steps", type=int, default=None, help="default 50 (DDIM's default)")
+    parser.add_argument("--samplers", nargs="+", default=["ddim-50"], metavar="NAME-STEPS",
+                        help=f"registered samplers with steps ({', '.join(SAMPLER_NAMES)}); several: a mixed load")
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None,
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
-    steps = args.steps or 50
+    mix = [parse_sampler(text) for text in args.samplers]
     rounds = 2 if args.quick else 4
     load_s = args.duration or (10.0 if args.quick else 20.0)
     baseline_s = 3.0 if args.quick else 6.0
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     model, ref = load(model_uri, tracking_uri, device)
     engine = Engine(model, device)
-    job = SampleJob(args.sampler, steps, args.images_per_request, seed=0)
+    jobs = [SampleJob(name, steps, args.images_per_request, seed=0) for name, steps in mix]
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
     baselines, batch_times, loads, ticks = [], [], [], []
@@ -173,15 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                      device=args.device, torch_threads=threads, request_timeout_s=300,
                      max_num_images=max(64, args.images_per_request))
         sampler = serve.get_deployment_handle("SamplerDeployment", "serve-load")
-        body = {"sampler": args.sampler, "steps": steps, "num_images": args.images_per_request, "format": "png"}
-        http_load(url, body, args.clients, 2.0, 2)  # warm-up: replica, connections, respaced schedule
-        engine.sample([job])
+        bodies = [{"sampler": name, "steps": steps, "num_images": args.images_per_request, "format": "png"}
+                  for name, steps in mix]
+        http_load(url, bodies, args.clients, 2.0, 2)  # warm-up: replica, connections, respaced schedules
+        engine.sample(jobs)
         for _ in range(rounds):  # A B A B …: a busy machine slows both sides alike
-            rate, per_batch = in_process_rate(engine, job, args.max_batch_size, baseline_s)
+            rate, per_batch = in_process_rate(engine, jobs, args.max_batch_size, baseline_s)
             baselines.append(rate)
             batch_times.append(per_batch)
             before = sampler.stats.remote().result()
-            loads.append(http_load(url, body, args.clients, load_s, args.max_requests))
+            loads.append(http_load(url, bodies, args.clients, load_s, args.max_requests))
             after = sampler.stats.remote().result()
             ticks.append({k: after[k] - before[k] for k in before})
     finally:
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     errors, requests_ = sum(r["errors"] for r in loads), sum(r["requests"] for r in loads)
     tick_images = sum(t["tick_images"] for t in ticks) / max(1, sum(t["ticks"] for t in ticks))
     busy = sum(t["busy_s"] for t in ticks) / sum(t["uptime_s"] for t in ticks)
-    what = f"{args.sampler}-{steps}, {args.images_per_request} img/req, {args.clients} clients"
+    what = f"{' + '.join(args.samplers)}, {args.images_per_request} img/req, {args.clients} clients"
     rows = [
         Row(f"serve img/s ({what})", served_rate, baseline, "img/s", "≥ 0.8×"),
         Row("serve p50 latency vs in-process full batch", latencies["p50"] * 1e3, batch_time * 1e3, "ms", "-", True),
