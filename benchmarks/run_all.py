@@ -28,7 +28,7 @@ from benchmarks.report import machine
 from pipelines.evaluate.table import write_table_markdown
 
 HERE = Path(__file__).resolve().parent
-QUALITY_PLOT = HERE / "quality_fid_vs_steps.png"
+QUALITY_PLOT = HERE / "quality_fid_vs_model_calls.png"
 # One request kind per client, cycling: six samplers with 35–50 model calls each share the replica's model calls.
 MIXED_LOAD = ["ddim-50", "dpmpp-2m-20", "ode-heun-18", "sde-50", "pc-25", "ddpm-50"]
 
@@ -107,11 +107,12 @@ def write_results(results: dict, path: Path) -> None:
         lines += ["", f"## Quality on the embedded default ({quality['model_uri']})", "",
                   f"Held-out ELBO {m['test_bpd']:.3f} ± {m['test_bpd_stderr']:.3f} bits/dim on "
                   f"{int(m['test_bpd_num_images'])} test images (L_T {m['test_prior_bpd']:.1e}, ΣL_t-1 "
-                  f"{m['test_vb_bpd']:.3f}, L_0 {m['test_decoder_bpd']:.3f}). The DDIM paper's Table 1, for digits:", ""]
+                  f"{m['test_vb_bpd']:.3f}, L_0 {m['test_decoder_bpd']:.3f}). The DDIM paper's Table 1 for digits, "
+                  "every sampler family against model calls:", ""]
         with tempfile.TemporaryDirectory() as tmp:
             table_md = write_table_markdown(quality["table"], Path(tmp) / "table.md", m.get("fid_train_vs_test"))
             lines += table_md.read_text().replace("### ", "#### ").splitlines()
-        lines += ["", f"![FID against steps]({QUALITY_PLOT.name})"]
+        lines += ["", f"![FID against model calls]({QUALITY_PLOT.name})"]
     profiles = results["benchmarks"].get("profile_train", {}).get("profiles", {})
     if profiles:
         lines += ["", "## Profile of the slowest stage (training step, torch.profiler, CPU)", "",
@@ -169,7 +170,7 @@ def main() -> int:
         results["benchmarks"][name] = {**data, **run}
         if run["exit_code"] != 0:
             failed.append(name)
-    plot = out / "sampling_quality" / "fid_vs_steps.png"
+    plot = out / "sampling_quality" / "fid_vs_model_calls.png"
     if plot.is_file():
         shutil.copyfile(plot, QUALITY_PLOT)
     (HERE / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,9 +1,11 @@
-"""Sample quality against sampling cost for a logged DiffusionModel: the DDIM paper's Table 1 (FID per sampler and
-number of steps) with wall time, plus held-out bits/dim; speed and FID ratios are against the first sampler
-(the baseline, measured in the same run).
+"""Sample quality against sampling cost for a logged DiffusionModel: the DDIM paper's Table 1 extended to every
+sampler family (FID per sampler against model calls) with wall time, plus held-out bits/dim; speed and FID ratios
+are against the first sampler (the baseline, measured in the same run), and the few-step solvers are compared with
+the samplers they should match: dpmpp-2m at 10 and 20 calls against ddim-50 (target: FID no worse), ode-heun-18
+(35 calls) against ddpm-1000 (target: within 10%).
 
     python -m benchmarks.sampling_quality --model-uri models:/digits-ddpm/1 [--tracking-uri sqlite:///mlruns.db]
-        [--samplers ddpm-1000 ddim-10 ddim-50] [--num-samples 500] [--quick] [--json PATH] [--output-dir DIR]
+        [--samplers ddpm-1000 ddim-10 dpmpp-2m-10 ...] [--num-samples 500] [--quick] [--json PATH] [--output-dir DIR]
 
 `--model-uri` is anything `mlflow.pytorch.load_model` accepts (runs:/…, models:/…, a local model directory).
 Data: scikit-learn digits at the model's resolution with a seeded 80/20 split (`--split-seed`); a model trained by
@@ -27,14 +29,22 @@ from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.digits import digits_split
 from pipelines.evaluate.stage import run_evaluate
 
-QUICK = {"samplers": ["ddpm-100", "ddim-10", "ddim-20"], "num_samples": 100, "bpd_batches": 1, "bpd_batch_size": 16}
+FAMILIES = ["ddpm-1000", "ddpm-100", "ddim-10", "ddim-20", "ddim-50", "ddim-100", "sde-100", "sde-250", "pc-50",
+            "pc-125", "ode-heun-10", "ode-heun-18", "ode-heun-50", "dpmpp-2m-10", "dpmpp-2m-20", "dpmpp-2m-50"]
+QUICK = {"samplers": ["ddpm-100", "ddim-10", "ddim-20", "dpmpp-2m-10", "ode-heun-6"], "num_samples": 100,
+         "bpd_batches": 1, "bpd_batch_size": 16}
+# (ours, baseline, target, least ratio): FID comparisons of the few-step solvers (lower FID is better)
+TARGETS = [("dpmpp-2m-10", "ddim-50", "≥ 1.0× (FID ≤ ddim-50)", 1.0),
+           ("dpmpp-2m-20", "ddim-50", "≥ 1.0× (FID ≤ ddim-50)", 1.0),
+           ("ode-heun-18", "ddpm-1000", "≥ 0.91× (within 10%)", 1 / 1.1)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-uri", required=True, help="MLflow model URI or local MLflow model directory")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs")
-    p.add_argument("--samplers", nargs="+", help="'<ddpm|ddim>-<steps>' strings; the first is the baseline")
+    p.add_argument("--samplers", nargs="+", help="'<sampler>-<steps>' strings (any registered sampler); the first is "
+                                                 f"the baseline (default: {' '.join(FAMILIES)})")
     p.add_argument("--num-samples", type=int, help="samples per sampler for FID")
     p.add_argument("--bpd-batches", type=int)
     p.add_argument("--bpd-batch-size", type=int)
@@ -69,7 +79,7 @@ def build_config(args: argparse.Namespace) -> EvaluateConfig:
         value = getattr(args, name)
         return value if value is not None else quick.get(name, default)
 
-    return EvaluateConfig(samplers=pick("samplers", defaults.samplers),
+    return EvaluateConfig(samplers=pick("samplers", FAMILIES),
                           num_fid_samples=pick("num_samples", defaults.num_fid_samples),
                           bpd_batches=pick("bpd_batches", defaults.bpd_batches),
                           bpd_batch_size=pick("bpd_batch_size", defaults.bpd_batch_size),
@@ -85,7 +95,18 @@ def ratio_rows(table: list[dict]) -> list[Row]:
                         base["samples_per_s"], "img/s"))
         rows.append(Row(f"{row['sampler']} FID vs {base['sampler']}", row["fid"], base["fid"], "FID",
                         lower_is_better=True))
+    by_name = {row["sampler"]: row for row in table}
+    for ours, baseline, target, _ in TARGETS:
+        if ours in by_name and baseline in by_name:
+            calls = by_name[ours].get("model_calls", by_name[ours]["steps"])
+            rows.append(Row(f"{ours} ({calls} calls) FID vs {baseline}", by_name[ours]["fid"],
+                            by_name[baseline]["fid"], "FID", target, lower_is_better=True))
     return rows
+
+
+def missed_targets(rows: list[Row]) -> list[str]:
+    least = {target: ratio for _, _, target, ratio in TARGETS}
+    return [row.what for row in rows if row.target in least and row.ratio < least[row.target]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(row.line())
     print(f"artifacts in {output_dir}")
+    missed = missed_targets(rows)
+    if missed:
+        print(f"targets missed: {'; '.join(missed)}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "title": "sampling quality", "machine": machine(), "model_uri": args.model_uri,
             "config": config.model_dump(), "metrics": m, "table": result.table,
             "ratios": [{"what": r.what, "ours": r.ours, "baseline": r.baseline, "ratio": r.ratio} for r in rows],
+            "rows": [{"what": r.what, "ours": r.ours, "baseline": r.baseline, "unit": r.unit, "target": r.target,
+                      "ratio": r.ratio} for r in rows if r.target],
             "artifacts": [str(p) for p in result.artifacts]}, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ _STEPS = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
+class SamplerRun:
     """One row of the quality table: sampler `kind` (a name in SAMPLER_NAMES) on `steps` reverse steps."""
 
     name: str
@@ -30,17 +30,17 @@ class SamplerSpec:
         return SAMPLER_SPECS[self.kind].model_calls(self.steps)
 
 
-def parse_sampler(text: str) -> SamplerSpec:
-    """"ddim-50" → SamplerSpec("ddim-50", "ddim", 50); the steps follow the last hyphen, so names may hold hyphens
+def parse_sampler(text: str) -> SamplerRun:
+    """"ddim-50" → SamplerRun("ddim-50", "ddim", 50); the steps follow the last hyphen, so names may hold hyphens
     ("ode-heun-18"). Raises ValueError naming the string otherwise."""
     kind, _, steps = text.rpartition("-") if isinstance(text, str) else ("", "", "")
     if kind not in SAMPLER_NAMES or not _STEPS.fullmatch(steps):
         raise ValueError(f"sampler {text!r} is not of the form '<name>-<steps>' with a name in "
                          f"{', '.join(SAMPLER_NAMES)}, e.g. 'ddpm-1000' or 'ddim-50'")
-    return SamplerSpec(name=text, kind=kind, steps=int(steps))
+    return SamplerRun(name=text, kind=kind, steps=int(steps))
 
 
-def check_steps(spec: SamplerSpec, num_timesteps: int) -> None:
+def check_steps(spec: SamplerRun, num_timesteps: int) -> None:
     """Raise ValueError naming the sampler when it asks for more steps than the model was trained with."""
     if spec.steps > num_timesteps:
         raise ValueError(f"sampler {spec.name!r} asks for {spec.steps} steps but the model has only {num_timesteps}")
@@ -59,7 +59,7 @@ class GeneratedSamples:
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,
-    spec: SamplerSpec,
+    spec: SamplerRun,
     num_samples: int,
     batch_size: int,
     seed: int,

@@ -20,7 +20,7 @@ from pipelines.evaluate.features import build_feature_extractor
 from pipelines.evaluate.frechet import fid_from_features
 from pipelines.evaluate.grid import save_grid
 from pipelines.evaluate.sampling import check_steps, generate_samples, parse_sampler
-from pipelines.evaluate.table import plot_fid_vs_steps, write_table_csv, write_table_markdown
+from pipelines.evaluate.table import plot_fid_vs_model_calls, write_table_csv, write_table_markdown
 from pipelines.stage import StageContext, StageKind, StageResult
 from pipelines.tracking import use_tracking_uri
 
@@ -47,7 +47,7 @@ def run_evaluate(
 
     test_images [N, C, H, W] and train_images [M, C, H, W] in [−1, 1] with (C, H, W) = model.image_shape,
     train_labels [M] int64 (for the digits feature net). Writes into output_dir:
-    bpd_per_t.{csv,png}, sampler_table.{csv,md}, fid_vs_steps.png, samples_<sampler>.png.
+    bpd_per_t.{csv,png}, sampler_table.{csv,md}, fid_vs_model_calls.png, samples_<sampler>.png.
     Metrics: test_bpd, test_{prior,vb,decoder}_bpd, test_bpd_stderr, test_bpd_num_images, fid_train_vs_test,
     and per sampler fid_<s>, samples_per_s_<s>, sample_seconds_<s> (plus fid_net_val_accuracy for "digits").
     """
@@ -85,6 +85,7 @@ def run_evaluate(
                                        bar.update)
         fid = fid_from_features(extract(samples.images), test_features)
         result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
+                             "model_calls": spec.model_calls,
                              "num_samples": config.num_fid_samples, "seconds": samples.seconds,
                              "samples_per_s": samples.samples_per_s, "fid": fid, "feature_net": extract.name})
         print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (train vs test {reference_fid:.2f}), "
@@ -96,7 +97,7 @@ def run_evaluate(
 
     result.artifacts += [write_table_csv(result.table, output_dir / "sampler_table.csv"),
                          write_table_markdown(result.table, output_dir / "sampler_table.md", reference_fid),
-                         plot_fid_vs_steps(result.table, output_dir / "fid_vs_steps.png", reference_fid)]
+                         plot_fid_vs_model_calls(result.table, output_dir / "fid_vs_model_calls.png", reference_fid)]
     return result
 
 

@@ -18,7 +18,7 @@ from pipelines.evaluate.bpd import evaluate_bpd
 from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.digits import digits_split
 from pipelines.evaluate.grid import save_grid
-from pipelines.evaluate.sampling import SamplerSpec, generate_samples, parse_sampler
+from pipelines.evaluate.sampling import SamplerRun, generate_samples, parse_sampler
 from pipelines.evaluate.stage import run_evaluate
 
 
@@ -55,7 +55,7 @@ def trained_model(digits):
                                                ("ddpm-1", "ddpm", 1), ("ode-heun-18", "ode-heun", 18),
                                                ("dpmpp-2m-10", "dpmpp-2m", 10)])
 def test_parse_sampler(text, kind, steps):
-    assert parse_sampler(text) == SamplerSpec(text, kind, steps)
+    assert parse_sampler(text) == SamplerRun(text, kind, steps)
 
 
 @pytest.mark.parametrize("text", ["ddim_50", "ddim-0", "ddim-", "plms-10", "DDIM-10", "ddim-10-eta1", " ddim-10",
@@ -143,7 +143,7 @@ def test_run_evaluate_end_to_end(digits, trained_model, tmp_path, tmp_path_facto
     assert 0 < m["test_prior_bpd"] < 1e-3 < m["test_decoder_bpd"] < m["test_bpd"] < 16
     assert m["fid_net_val_accuracy"] > 0.93
     names = {p.name for p in result.artifacts}
-    assert names == {"bpd_per_t.csv", "bpd_per_t.png", "sampler_table.csv", "sampler_table.md", "fid_vs_steps.png",
+    assert names == {"bpd_per_t.csv", "bpd_per_t.png", "sampler_table.csv", "sampler_table.md", "fid_vs_model_calls.png",
                      "samples_ddpm-25.png", "samples_ddim-5.png", "samples_ddim-20.png"}
     for path in result.artifacts:
         assert path.parent == tmp_path / "eval" and path.stat().st_size > 0
@@ -160,7 +160,7 @@ def test_run_evaluate_end_to_end(digits, trained_model, tmp_path, tmp_path_facto
     assert m["fid_train_vs_test"] < m["fid_ddim-20"] < 0.5 * untrained.metrics["fid_ddim-20"]
     assert m["test_bpd"] < untrained.metrics["test_bpd"]
     table_md = (tmp_path / "eval" / "sampler_table.md").read_text()
-    assert "| sampler | S = 5 | S = 20 | S = 25 |" in table_md  # Table 1 shape: steps across, samplers down
+    assert "| sampler | NFE = 5 | NFE = 20 | NFE = 25 |" in table_md  # Table 1 shape: model calls across
     assert f"| DDIM (η = 0) | {m['fid_ddim-5']:.2f} | {m['fid_ddim-20']:.2f} | — |" in table_md
     assert f"| DDPM (σ² = β̃) | — | — | {m['fid_ddpm-25']:.2f} |" in table_md
 
