@@ -18,6 +18,7 @@ from pipelines.evaluate.bpd import evaluate_bpd, plot_vb_per_t, select_images, w
 from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.features import build_feature_extractor
 from pipelines.evaluate.frechet import fid_from_features
+from pipelines.evaluate.kid import kid_from_features
 from pipelines.evaluate.grid import save_grid
 from pipelines.evaluate.sampling import check_steps, generate_samples, parse_sampler
 from pipelines.evaluate.table import plot_fid_vs_model_calls, write_table_csv, write_table_markdown
@@ -49,7 +50,7 @@ def run_evaluate(
     train_labels [M] int64 (for the digits feature net). Writes into output_dir:
     bpd_per_t.{csv,png}, sampler_table.{csv,md}, fid_vs_model_calls.png, samples_<sampler>.png.
     Metrics: test_bpd, test_{prior,vb,decoder}_bpd, test_bpd_stderr, test_bpd_num_images, fid_train_vs_test,
-    and per sampler fid_<s>, samples_per_s_<s>, sample_seconds_<s> (plus fid_net_val_accuracy for "digits").
+    kid_train_vs_test, and per sampler fid_<s>, kid_<s>, samples_per_s_<s>, sample_seconds_<s> (plus fid_net_val_accuracy for "digits").
     """
     specs = [parse_sampler(s) for s in config.samplers]
     _check_inputs(model, test_images, train_images, train_labels)
@@ -74,8 +75,10 @@ def run_evaluate(
 
     test_features = extract(test_images)
     reference = select_images(train_images, config.num_fid_samples, config.seed)
-    reference_fid = fid_from_features(extract(reference), test_features)
+    reference_features = extract(reference)
+    reference_fid = fid_from_features(reference_features, test_features)
     result.metrics["fid_train_vs_test"] = reference_fid
+    result.metrics["kid_train_vs_test"] = kid_from_features(reference_features, test_features, seed=config.seed).mean
 
     scale = max(1, 64 // model.image_shape[-1])
     for spec in specs:
@@ -83,14 +86,19 @@ def run_evaluate(
         with tqdm(total=calls, desc=spec.name, disable=not progress) as bar:
             samples = generate_samples(model, spec, config.num_fid_samples, config.sample_batch_size, config.seed,
                                        bar.update)
-        fid = fid_from_features(extract(samples.images), test_features)
+        sample_features = extract(samples.images)
+        fid = fid_from_features(sample_features, test_features)
+        kid = kid_from_features(sample_features, test_features, seed=config.seed)
         result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
                              "model_calls": spec.model_calls,
                              "num_samples": config.num_fid_samples, "seconds": samples.seconds,
-                             "samples_per_s": samples.samples_per_s, "fid": fid, "feature_net": extract.name})
-        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (train vs test {reference_fid:.2f}), "
+                             "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid.mean,
+                             "kid_std": kid.std, "feature_net": extract.name})
+        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (train vs test {reference_fid:.2f}), KID "
+              f"{kid.mean:.4f} ± {kid.std:.4f}, "
               f"{samples.samples_per_s:.1f} samples/s", flush=True)
-        result.metrics.update({f"fid_{spec.name}": fid, f"samples_per_s_{spec.name}": samples.samples_per_s,
+        result.metrics.update({f"fid_{spec.name}": fid, f"kid_{spec.name}": kid.mean,
+                               f"samples_per_s_{spec.name}": samples.samples_per_s,
                                f"sample_seconds_{spec.name}": samples.seconds})
         result.artifacts.append(save_grid(samples.images[:GRID_IMAGES], output_dir / f"samples_{spec.name}.png",
                                           nrow=8, scale=scale))

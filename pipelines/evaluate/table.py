@@ -1,8 +1,9 @@
 """The sampler quality/time table (rows: one per sampler and step count) as CSV, Markdown (shaped like DDIM's
 Table 1, with model calls across) and a plot of FID against model calls, one curve per sampler family.
 
-A row is a dict with keys: sampler, kind, steps, model_calls, num_samples, seconds, samples_per_s, fid,
-feature_net (rows recorded before model_calls existed are read with model_calls = steps).
+A row is a dict with keys: sampler, kind, steps, model_calls, num_samples, seconds, samples_per_s, fid, kid,
+kid_std, feature_net (rows recorded before model_calls and KID existed are read with model_calls = steps and no
+KID).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from matplotlib.figure import Figure
 
 from diffusion.sampler_specs import SAMPLER_NAMES
 
-COLUMNS = ["sampler", "kind", "steps", "model_calls", "num_samples", "seconds", "samples_per_s", "fid", "feature_net"]
+COLUMNS = ["sampler", "kind", "steps", "model_calls", "num_samples", "seconds", "samples_per_s", "fid", "kid",
+           "kid_std", "feature_net"]
 KIND_LABELS = {"ddpm": "DDPM (σ² = β̃)", "ddim": "DDIM (η = 0)", "sde": "reverse SDE", "pc": "predictor–corrector",
                "ode-euler": "PF-ODE Euler", "ode-heun": "PF-ODE Heun", "dpmpp-2m": "DPM-Solver++(2M)"}
 
@@ -28,6 +30,10 @@ def _calls(row: dict) -> int:
     return row.get("model_calls", row["steps"])
 
 
+def _cell(row: dict, column: str):
+    return _calls(row) if column == "model_calls" else row.get(column, "—")
+
+
 def _kinds(rows: list[dict]) -> list[str]:
     """The sampler families present, in the catalog's order."""
     present = {row["kind"] for row in rows}
@@ -38,7 +44,7 @@ def write_table_csv(rows: list[dict], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows([{k: row.get(k, _calls(row)) for k in COLUMNS} for row in rows])
+        writer.writerows([{k: _cell(row, k) for k in COLUMNS} for row in rows])
     return path
 
 
@@ -59,13 +65,16 @@ def write_table_markdown(rows: list[dict], path: Path, reference_fid: float | No
     lines = [f"### FID ↓ ({net} features, {n} samples per sampler)", "", *_pivot(rows, "fid", ".2f"), ""]
     if reference_fid is not None:
         lines += [f"Real data (train vs test images, same feature net): FID {reference_fid:.2f}", ""]
+    if all("kid" in row for row in rows):
+        lines += [f"### KID × 10³ ↓ (unbiased MMD², cubic kernel, mean over subsets of the {net} features)", "",
+                  *_pivot([{**row, "kid": 1e3 * row["kid"]} for row in rows], "kid", ".2f"), ""]
     lines += ["NFE counts model calls: one per step, two per Heun step but one on its last, (1 + corrector steps) per "
               "predictor–corrector step. Respaced samplers use their default spacing (DDPM, SDE, PC and the ODE "
               "solvers linspace τ, DDIM the paper's uniform τ, DPM-Solver++ uniform log-SNR).",
               "", "### Samples/s ↑", "", *_pivot(rows, "samples_per_s", ".1f"), "", "### All rows", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        values = [row.get(k, _calls(row)) for k in COLUMNS]
+        values = [_cell(row, k) for k in COLUMNS]
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")

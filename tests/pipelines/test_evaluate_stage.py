@@ -158,11 +158,14 @@ def test_run_evaluate_end_to_end(digits, trained_model, tmp_path, tmp_path_facto
     untrained = run_evaluate(small, tiny_model(seed=5, num_timesteps=250), test_x, train_x, train_y,
                              tmp_path / "untrained", progress=False)
     assert m["fid_train_vs_test"] < m["fid_ddim-20"] < 0.5 * untrained.metrics["fid_ddim-20"]
+    assert abs(m["kid_train_vs_test"]) < m["kid_ddim-20"] < untrained.metrics["kid_ddim-20"]  # KID orders alike
+    assert all(row["kid"] == m[f"kid_{row['sampler']}"] and row["kid_std"] >= 0 for row in result.table)
     assert m["test_bpd"] < untrained.metrics["test_bpd"]
     table_md = (tmp_path / "eval" / "sampler_table.md").read_text()
     assert "| sampler | NFE = 5 | NFE = 20 | NFE = 25 |" in table_md  # Table 1 shape: model calls across
     assert f"| DDIM (η = 0) | {m['fid_ddim-5']:.2f} | {m['fid_ddim-20']:.2f} | — |" in table_md
     assert f"| DDPM (σ² = β̃) | — | — | {m['fid_ddpm-25']:.2f} |" in table_md
+    assert f"| DDIM (η = 0) | {1e3 * m['kid_ddim-5']:.2f} | {1e3 * m['kid_ddim-20']:.2f} | — |" in table_md
 
 
 def test_run_evaluate_fails_fast_naming_the_problem(digits, tmp_path):
