@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from diffusion.process import model_timesteps, predict_x0, q_posterior, q_sample
+from diffusion.parameterization import Prediction, model_prediction
+from diffusion.process import model_timesteps, q_posterior, q_sample
 from diffusion.schedule import NoiseSchedule
 
 Variance = Literal["small", "large"]
@@ -87,6 +88,28 @@ def prior_bpd(sched: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean))) / LN2
 
 
+def vlb_term(
+    sched: NoiseSchedule,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    model_mean: torch.Tensor,
+    model_log_variance: torch.Tensor,
+) -> torch.Tensor:
+    """The bound's term at index t for a given p_θ(x_{t−1} | x_t) = N(model_mean, e^model_log_variance), in bits/dim → [B].
+
+    t ≥ 1: L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t))      (eq. 5)
+    t = 0: L_0 = −log p_θ(x_0 | x_1), the discretized Gaussian decoder  (eq. 13)
+
+    x0, x_t, model_mean: [B, C, H, W]; t: [B]; model_log_variance: [B, C, H, W] (learned Σ_θ) or [B, 1, 1, 1] (fixed).
+    Differentiable in model_mean and model_log_variance (for L_hybrid and L_vlb training).
+    """
+    true_mean, _, true_logvar = q_posterior(sched, x0, x_t, t)
+    kl = mean_flat(normal_kl(true_mean, true_logvar, model_mean, model_log_variance)) / LN2
+    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)) / LN2
+    return torch.where(t == 0, decoder_nll, kl)
+
+
 @torch.no_grad()
 def vlb_terms(
     model: torch.nn.Module,
@@ -96,25 +119,26 @@ def vlb_terms(
     noise: torch.Tensor | None = None,
     variance: Variance = "small",
     clip_x0: bool = False,
+    prediction: Prediction = "eps",
+    learn_variance: bool = False,
 ) -> torch.Tensor:
-    """One Monte-Carlo sample of the bound's term at index t, per example, in bits/dim → [B].
+    """One Monte-Carlo sample of the bound's term at index t (see `vlb_term`), per example, in bits/dim → [B].
 
-    t ≥ 1: L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t))      (eq. 5)
-    t = 0: L_0 = −log p_θ(x_0 | x_1), the discretized Gaussian decoder  (eq. 13)
+    The model's output is read as `prediction` (diffusion.parameterization); with learn_variance its Σ_θ replaces
+    the fixed `variance`.
     """
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = q_sample(sched, x0, t, noise)
-    eps = model(x_t, model_timesteps(sched, t))
-    x0_hat = predict_x0(sched, x_t, t, eps)
-    if clip_x0:
-        x0_hat = x0_hat.clamp(-1, 1)
+    output = model(x_t, model_timesteps(sched, t))
+    pred = model_prediction(sched, x_t, t, output, prediction, learn_variance)
+    x0_hat = pred.x0.clamp(-1, 1) if clip_x0 else pred.x0
     model_mean, _, _ = q_posterior(sched, x0_hat, x_t, t)
-    model_logvar = p_variance(sched, t, x0.ndim, variance, x0.dtype)
-    true_mean, _, true_logvar = q_posterior(sched, x0, x_t, t)
-    kl = mean_flat(normal_kl(true_mean, true_logvar, model_mean, model_logvar)) / LN2
-    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / LN2
-    return torch.where(t == 0, decoder_nll, kl)
+    if pred.log_variance is None:
+        model_logvar = p_variance(sched, t, x0.ndim, variance, x0.dtype)
+    else:
+        model_logvar = pred.log_variance.to(x0.dtype)
+    return vlb_term(sched, x0, x_t, t, model_mean, model_logvar)
 
 
 @torch.no_grad()
@@ -126,18 +150,22 @@ def nll_bpd(
     clip_x0: bool = False,
     generator: torch.Generator | None = None,
     progress=None,
+    prediction: Prediction = "eps",
+    learn_variance: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The full bound L_T + Σ_{t≥2} L_{t−1} + L_0 in bits/dim, one noise sample per term. x0: [B, C, H, W] in [−1, 1].
 
-    Returns per-example tensors: total_bpd [B], prior_bpd [B] (L_T), vb_bpd [B] (Σ of the KL terms),
-    decoder_bpd [B] (L_0), and vb_per_t [B, T] (index 0 holds L_0, index i ≥ 1 the KL term L_i).
+    The model's output is read as `prediction`; with learn_variance (2C output channels) every term uses its
+    learned Σ_θ and `variance` is unused. Returns per-example tensors: total_bpd [B], prior_bpd [B] (L_T),
+    vb_bpd [B] (Σ of the KL terms), decoder_bpd [B] (L_0), and vb_per_t [B, T] (index 0 holds L_0, index i ≥ 1
+    the KL term L_i).
     """
     num_steps = sched.num_timesteps
     vb_per_t = torch.zeros(x0.shape[0], num_steps, dtype=torch.float64, device=x0.device)
     for i in reversed(range(num_steps)):
         t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        vb_per_t[:, i] = vlb_terms(model, sched, x0, t, noise, variance, clip_x0).double()
+        vb_per_t[:, i] = vlb_terms(model, sched, x0, t, noise, variance, clip_x0, prediction, learn_variance).double()
         if progress is not None:
             progress(num_steps - i, num_steps)
     prior = prior_bpd(sched, x0).double()
