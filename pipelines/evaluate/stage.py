@@ -18,7 +18,7 @@ from pipelines.evaluate.bpd import evaluate_bpd, plot_vb_per_t, select_images, w
 from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.features import build_feature_extractor
 from pipelines.evaluate.frechet import fid_from_features
-from pipelines.evaluate.kid import kid_from_features
+from pipelines.evaluate.kid import kid_from_features, unit_rms
 from pipelines.evaluate.grid import save_grid
 from pipelines.evaluate.sampling import check_steps, generate_samples, parse_sampler
 from pipelines.evaluate.table import plot_fid_vs_model_calls, write_table_csv, write_table_markdown
@@ -78,7 +78,9 @@ def run_evaluate(
     reference_features = extract(reference)
     reference_fid = fid_from_features(reference_features, test_features)
     result.metrics["fid_train_vs_test"] = reference_fid
-    result.metrics["kid_train_vs_test"] = kid_from_features(reference_features, test_features, seed=config.seed).mean
+    feature_scale = unit_rms(test_features)  # one fixed feature scale for every KID against the test set
+    result.metrics["kid_train_vs_test"] = kid_from_features(reference_features, test_features, seed=config.seed,
+                                                            scale=feature_scale).mean
 
     scale = max(1, 64 // model.image_shape[-1])
     for spec in specs:
@@ -88,7 +90,7 @@ def run_evaluate(
                                        bar.update)
         sample_features = extract(samples.images)
         fid = fid_from_features(sample_features, test_features)
-        kid = kid_from_features(sample_features, test_features, seed=config.seed)
+        kid = kid_from_features(sample_features, test_features, seed=config.seed, scale=feature_scale)
         result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
                              "model_calls": spec.model_calls,
                              "num_samples": config.num_fid_samples, "seconds": samples.seconds,

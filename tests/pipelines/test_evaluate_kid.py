@@ -4,7 +4,7 @@ the unbiased estimator's zero mean when both sets come from one distribution."""
 import numpy as np
 import pytest
 
-from pipelines.evaluate.kid import kid_from_features, polynomial_mmd2
+from pipelines.evaluate.kid import kid_from_features, polynomial_mmd2, unit_rms
 
 
 def test_mmd2_of_two_point_masses_is_the_kernel_distance():
@@ -50,5 +50,9 @@ def test_kid_over_subsets():
     kid = kid_from_features(x, y, subsets=10)
     assert kid.subset_size == 40 and kid.subsets == 10 and kid.std > 0
     assert kid_from_features(x, y, subsets=10) == kid  # seeded
+    scale = unit_rms(y)
+    assert np.mean(np.square(y / scale)) == pytest.approx(1.0)
+    rescaled = kid_from_features(3 * x, 3 * y, subsets=10, scale=3.0)  # scaling both sets back: the same KID
+    assert (rescaled.mean, rescaled.std) == pytest.approx((kid.mean, kid.std), rel=1e-12)
     with pytest.raises(ValueError, match="subset_size must be in \\[2, 40\\]"):
         kid_from_features(x, y, subset_size=50)
