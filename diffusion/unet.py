@@ -2,7 +2,8 @@
 time embedding added in every ResBlock, and single-head self-attention at chosen resolutions.
 
 The default `UNetConfig` is the paper's CIFAR-10 model (35.7M parameters at 32×32×3).
-Called as `model(x_t, t) -> eps_hat`, x_t: [B, C, H, W] float, t: [B] int64 in original timestep units.
+Called as `model(x_t, t) -> eps_hat`, x_t: [B, C, H, W] float, t: [B] int64 in original timestep units. With
+`learn_variance` the output has 2C channels, read by `diffusion.parameterization.model_prediction`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     norm_groups: int = 32
+    learn_variance: bool = False  # doubles the output: the prediction, then the variance values (eq. 15, Improved DDPM)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -59,6 +61,11 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
         return cls(**values)
+
+    @property
+    def output_channels(self) -> int:
+        """C_out = out_channels (or in_channels), twice that with learn_variance."""
+        return (self.out_channels or self.in_channels) * (2 if self.learn_variance else 1)
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -189,10 +196,10 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = nn.GroupNorm(groups, width)
-        self.conv_out = _zero(nn.Conv2d(width, cfg.out_channels or cfg.in_channels, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(width, cfg.output_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W], t: [B] int64 → ε̂: [B, C_out, H, W]."""
+        """x: [B, C, H, W], t: [B] int64 → [B, config.output_channels, H, W] (ε̂, then the variance values if learned)."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), f"expected x [B,C,H,W] and t [B], got {x.shape}, {t.shape}"
         temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))
         h = self.conv_in(x)

@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 
@@ -51,3 +53,31 @@ def test_config_round_trips_and_rejects_bad_values():
         UNetConfig(ch=20)
     with pytest.raises(ValueError, match="image_size"):
         UNetConfig(image_size=30)
+
+
+def test_learn_variance_doubles_the_output_channels():
+    cfg = UNetConfig.preset("tiny", learn_variance=True)
+    assert cfg.output_channels == 2 and UNetConfig.preset("tiny", out_channels=3, learn_variance=True).output_channels == 6
+    x = torch.randn(2, 1, 8, 8)
+    assert UNet(cfg)(x, torch.tensor([0, 999])).shape == (2, 2, 8, 8)
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_configs_and_state_dicts_without_learn_variance_load_and_give_identical_outputs():
+    """A checkpoint from before the field: its config dict lacks the key, and a pickled config lacks the attribute."""
+    torch.manual_seed(0)
+    cfg = UNetConfig.preset("tiny")
+    model = UNet(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    old_dict = {k: v for k, v in cfg.to_dict().items() if k != "learn_variance"}
+    loaded = UNet(UNetConfig.from_dict(old_dict)).eval()
+    loaded.load_state_dict(model.state_dict())  # strict: same names and shapes
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 999])
+    assert torch.equal(loaded(x, t), model(x, t))
+
+    old_pickle = UNetConfig.preset("tiny")
+    object.__delattr__(old_pickle, "learn_variance")  # as unpickled from before the field existed
+    restored = pickle.loads(pickle.dumps(old_pickle))
+    assert restored.learn_variance is False and restored.output_channels == 1
+    assert UNetConfig.from_dict(restored.to_dict()) == cfg
