@@ -2,6 +2,8 @@
 
 Data are 8-bit images scaled to [−1, 1]: x = u / 127.5 − 1 for u ∈ {0, …, 255}, so one quantization bin is 2/255 wide.
 Bits/dim = nats / (D · ln 2), D = C·H·W; every term here is already averaged over dimensions, per example.
+The bound reads any model output through diffusion.parameterization (prediction type eps/x0/v, learned Σ_θ);
+the training objectives built on these terms are in diffusion.objectives.
 """
 
 from __future__ import annotations

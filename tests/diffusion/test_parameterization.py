@@ -103,8 +103,7 @@ def test_v_prediction_is_defined_at_zero_terminal_snr():
     sched = rescale_zero_terminal_snr(SCHED)
     t = torch.full((4,), 999)
     g = torch.Generator().manual_seed(1)
-    x_t, v = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 1, 2, 2, generator=g,
-                                                                                     dtype=torch.float64)
+    x_t, v = torch.randn(2, 4, 1, 2, 2, generator=g, dtype=torch.float64).unbind(0)
     pred = model_prediction(sched, x_t, t, v, "v")
     assert torch.equal(pred.eps, x_t) and torch.equal(pred.x0, -v)
 
