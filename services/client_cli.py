@@ -38,9 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from services.deploy import deploy
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri[10:].startswith("/"):
-        tracking_uri = "sqlite:///" + os.path.abspath(tracking_uri[10:])  # replicas run in other directories
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # build_app makes sqlite paths absolute
     received: list[int] = []
     stop_on_signals(received)
     try:

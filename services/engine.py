@@ -101,18 +101,17 @@ class Engine:
         """A request's reverse process before its first model call: x_T drawn from its own generator. A bad
         sampler, option or step count is a ValueError that names it."""
         sampler = get_sampler(job.sampler)
-        sampler_spec(job.sampler).steps_for(self.num_timesteps, job.steps)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         x = torch.randn((job.num_images, *self.image_shape), generator=generator).to(self.device)
         return Trajectory(job, sampler, sampler.start(self.schedule, x, job.steps, **job.options), generator)
 
     @torch.inference_mode()
-    def tick(self, trajectories: list[Trajectory], max_forward: int = 1024) -> list[Trajectory]:
+    def tick(self, trajectories: list[Trajectory], max_forward: int = 1024) -> None:
         """One model call for every unfinished trajectory (each image with its own t, chunked at `max_forward`
-        images), then each sampler's step. → the trajectories that finished in this tick."""
+        images), then each sampler's step."""
         active = [tr for tr in trajectories if not tr.done]
         if not active:
-            return []
+            return
         start = time.perf_counter()
         inputs = [tr.sampler.model_input(tr.state) for tr in active]
         x = torch.cat([xi for xi, _ in inputs])  # [ΣN, C, H, W]
@@ -125,7 +124,6 @@ class Engine:
         self.counters["ticks"] += 1
         self.counters["tick_images"] += x.shape[0]
         self.counters["busy_s"] += time.perf_counter() - start
-        return [tr for tr in active if tr.done]
 
     @staticmethod
     def result(tr: Trajectory) -> torch.Tensor:

@@ -60,7 +60,8 @@ def _option_field(name: str, option: OptionSpec) -> tuple[Any, Any]:
             Field(default, ge=option.ge, le=option.le, description=description))
 
 
-def _options() -> dict[str, OptionSpec]:
+def _merged_options() -> dict[str, OptionSpec]:
+    """Every option any sampler takes, by name (the first sampler's spec of it)."""
     merged: dict[str, OptionSpec] = {}
     for spec in SAMPLER_SPECS.values():
         for name, option in spec.options.items():
@@ -68,17 +69,18 @@ def _options() -> dict[str, OptionSpec]:
     return merged
 
 
-OPTION_DEFAULTS = {name: _option_default(name) for name in _options()}
+OPTIONS = _merged_options()
+OPTION_DEFAULTS = {name: _option_default(name) for name in OPTIONS}
 
 # POST /v1/samples: the fields above plus one per sampler option in the catalog (eta, variance, clip_denoised,
 # spacing, ...), so a sampler added to diffusion/ is served with its options and nothing here changes.
 SampleRequest = create_model("SampleRequest", __base__=_SampleFields,
-                             **{REQUEST_FIELD.get(n, n): _option_field(n, o) for n, o in _options().items()})
+                             **{REQUEST_FIELD.get(n, n): _option_field(n, o) for n, o in OPTIONS.items()})
 
 
 def sampler_options(body: BaseModel) -> dict[str, Any]:
     """The sampler options a request sets: {option name: value} for the fields given in the body."""
-    return {name: getattr(body, REQUEST_FIELD.get(name, name)) for name in _options()
+    return {name: getattr(body, REQUEST_FIELD.get(name, name)) for name in OPTIONS
             if REQUEST_FIELD.get(name, name) in body.model_fields_set}
 
 

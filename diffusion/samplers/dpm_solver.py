@@ -18,6 +18,11 @@ def log_snr(abar: float) -> float:
     return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1.0 - abar))
 
 
+def log_snr_step(sched: NoiseSchedule, i: int) -> float:
+    """h = λ_{i−1} − λ_i, the log-SNR length of reverse step i (+∞ for the step to ᾱ = 1)."""
+    return log_snr(float(sched.alphas_cumprod_prev[i])) - log_snr(float(sched.alphas_cumprod[i]))
+
+
 def dpmpp_2m_step(sched: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: int,
                   x0_last: torch.Tensor | None = None, h_last: float | None = None) -> torch.Tensor:
     """x_{i−1} from x_i [B, ...] and the data prediction x̂_0 at x_i [B, ...].
@@ -31,7 +36,7 @@ def dpmpp_2m_step(sched: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: 
     abar, abar_prev = float(sched.alphas_cumprod[i]), float(sched.alphas_cumprod_prev[i])
     if abar_prev >= 1.0:
         return x0
-    h = log_snr(abar_prev) - log_snr(abar)
+    h = log_snr_step(sched, i)
     d = x0
     if x0_last is not None and h_last is not None:
         r = h_last / h
@@ -53,5 +58,5 @@ class DPMSolverPP2M(Sampler):
             x0 = x0.clamp(-1.0, 1.0)
         x_prev = dpmpp_2m_step(sched, x0, state.x, i, state.memory.get("x0"), state.memory.get("h"))
         state.memory["x0"] = x0
-        state.memory["h"] = log_snr(float(sched.alphas_cumprod_prev[i])) - log_snr(float(sched.alphas_cumprod[i]))
+        state.memory["h"] = log_snr_step(sched, i)
         self.advance(state, x_prev)

@@ -13,7 +13,6 @@ import importlib
 
 from pipelines.deploy.config import DeployConfig
 from pipelines.stage import StageContext, StageKind, StageRecord, StageResult
-from pipelines.tracking import absolute_sqlite
 
 
 def model_uri_to_serve(ctx: StageContext) -> str:
@@ -42,7 +41,7 @@ def _deploy(ctx: StageContext, model_uri: str) -> str:
     params: DeployConfig = ctx.params
     module_name, _, attr = params.app.partition(":")
     build = getattr(importlib.import_module(module_name), attr)
-    app = build({"model_uri": model_uri, "tracking_uri": absolute_sqlite(ctx.tracking_uri),
+    app = build({"model_uri": model_uri, "tracking_uri": ctx.tracking_uri,
                  "max_batch_size": params.max_batch_size, "min_replicas": params.replicas,
                  "max_replicas": params.replicas})
     serve.start(http_options={"host": params.host, "port": params.port})
