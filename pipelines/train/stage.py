@@ -75,10 +75,11 @@ def _open_run(client: MlflowClient, output_dir: Path, experiment_id: str, run_na
 
 def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, output_dir: Path, tracking_uri: str,
                  experiment: str, run_name: str = "train", parent_run_id: str | None = None,
-                 datasets: dict | None = None) -> TrainResult:
+                 datasets: dict | None = None, callbacks: list | None = None) -> TrainResult:
     """Train on the shards in `train_dir` with Ray Train (Ray must be initialised); returns the logged model's URI.
 
     `datasets` ({"train": ray.data.Dataset}) is built from train_dir when the config's loader is "ray_data".
+    `callbacks`: Ray Train controller callbacks (RunConfig.callbacks), e.g. Ray Tune's TuneReportCallback in a sweep.
     """
     import mlflow
     import mlflow.pytorch
@@ -116,7 +117,8 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
                                      placement_strategy=config.placement_strategy),
         run_config=RunConfig(name="train", storage_path=str(output_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=config.max_failures)),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             callbacks=callbacks or None),
         datasets=datasets or {},
     )
     try:
