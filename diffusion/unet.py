@@ -3,7 +3,10 @@ time embedding added in every ResBlock, and single-head self-attention at chosen
 
 The default `UNetConfig` is the paper's CIFAR-10 model (35.7M parameters at 32×32×3).
 Called as `model(x_t, t) -> eps_hat`, x_t: [B, C, H, W] float, t: [B] int64 in original timestep units. With
-`learn_variance` the output has 2C channels, read by `diffusion.parameterization.model_prediction`.
+`learn_variance` the output has 2C channels, read by `diffusion.parameterization.model_prediction`. With
+`num_classes` = K the model is class-conditional, `model(x_t, t, y)` with y: [B] int64 in [0, K]: a learned label
+embedding (K + 1 rows, row K the "null" class of classifier-free guidance) is added to the time embedding;
+y = None means the null class for every image.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ class UNetConfig:
     dropout: float = 0.1
     norm_groups: int = 32
     learn_variance: bool = False  # doubles the output: the prediction, then the variance values (eq. 15, Improved DDPM)
+    num_classes: int | None = None  # class-conditional with this many classes (+1 null class); None = unconditional
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} (ch_mult levels)")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive class count or None, got {self.num_classes}")
         for width in {self.ch * m for m in self.ch_mult}:
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by norm_groups={self.norm_groups}")
@@ -160,6 +166,8 @@ class UNet(nn.Module):
         cfg = config
         ch, groups, temb_ch = cfg.ch, cfg.norm_groups, 4 * cfg.ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        if cfg.num_classes is not None:  # row num_classes is the null class
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def attn_or_id(width: int, res: int) -> nn.Module:
@@ -198,10 +206,16 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, width)
         self.conv_out = _zero(nn.Conv2d(width, cfg.output_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W], t: [B] int64 → [B, config.output_channels, H, W] (ε̂, then the variance values if learned)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W], t: [B] int64, y: [B] int64 class labels (num_classes = null) or None (all null)
+        → [B, config.output_channels, H, W] (ε̂, then the variance values if learned)."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), f"expected x [B,C,H,W] and t [B], got {x.shape}, {t.shape}"
         temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))
+        if self.config.num_classes is not None:
+            temb = temb + self.label_emb(null_labels(self.config.num_classes, x.shape[0], x.device) if y is None
+                                         else check_labels(y, self.config.num_classes, x.shape[0])).to(temb.dtype)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional model (UNetConfig.num_classes is None)")
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
@@ -218,6 +232,21 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def null_labels(num_classes: int, batch: int, device=None) -> torch.Tensor:
+    """[batch] int64 filled with the null class (index num_classes)."""
+    return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+
+
+def check_labels(y: torch.Tensor, num_classes: int, batch: int) -> torch.Tensor:
+    """y: [batch] int64 with values in [0, num_classes] (num_classes = null); anything else is a ValueError."""
+    if y.shape != (batch,) or y.dtype != torch.long:
+        raise ValueError(f"class labels must be int64 [{batch}], got {y.dtype} {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = null), "
+                         f"got {sorted(set(y.tolist()))}")
+    return y
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,10 +21,12 @@ from typing import Any, Callable
 
 import torch
 
+from diffusion.guidance import Denoised, check_conditioning, denoise, num_classes_of
 from diffusion.losses import nll_bpd
 from diffusion.sampler_specs import sampler_spec
 from diffusion.samplers import Sampler, SamplerState, ddim_encode, ddim_sample, get_sampler
 from diffusion.schedule import NoiseSchedule
+from diffusion.unet import null_labels
 
 INTERPOLATE_SPACING = sampler_spec("ddim").options["spacing"].default
 
@@ -32,13 +34,17 @@ INTERPOLATE_SPACING = sampler_spec("ddim").options["spacing"].default
 @dataclass(frozen=True)
 class SampleJob:
     """One request: `num_images` images from `seed` with a registered sampler on `steps` (possibly respaced) steps,
-    `options` being that sampler's (checked against its catalog entry when the job starts)."""
+    `options` being that sampler's (checked against its catalog entry when the job starts). A conditional model
+    samples `class_labels` (class indices: one for all images or one per image; None = unconditional, the null
+    class) with classifier-free guidance `guidance_scale` (1 = none)."""
 
     sampler: str
     steps: int
     num_images: int
     seed: int
     options: dict[str, Any] = field(default_factory=dict)
+    class_labels: tuple[int, ...] | None = None
+    guidance_scale: float = 1.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,6 +74,7 @@ class Trajectory:
     sampler: Sampler
     state: SamplerState  # state.x: [N, C, H, W] on the engine's device
     generator: torch.Generator
+    labels: torch.Tensor | None = None  # [N] int64 on the engine's device; None = null class
     started: float | None = None  # perf_counter at its first model call
     max_tick_images: int = 0  # the largest model call (in images) it took part in
 
@@ -97,30 +104,59 @@ class Engine:
 
     # -- continuous batching: every in-flight request advances one model call per tick, all in one model call
 
+    @property
+    def num_classes(self) -> int | None:
+        return num_classes_of(self.model)
+
+    def labels_for(self, job: SampleJob) -> torch.Tensor | None:
+        """The job's class labels as [num_images] int64 on the device (None = unconditional); a label count other
+        than 1 or num_images, a label outside the model's classes, or conditioning an unconditional model is a
+        ValueError."""
+        check_conditioning(self.model, job.class_labels, job.guidance_scale)
+        if job.class_labels is None:
+            return None
+        labels = list(job.class_labels)
+        if len(labels) not in (1, job.num_images):
+            raise ValueError(f"class_labels has {len(labels)} labels; give 1 or num_images={job.num_images}")
+        bad = [label for label in labels if not 0 <= label < self.num_classes]
+        if bad:
+            raise ValueError(f"class_labels {bad} outside the model's classes 0..{self.num_classes - 1}")
+        labels = labels * job.num_images if len(labels) == 1 else labels
+        return torch.tensor(labels, dtype=torch.long, device=self.device)
+
     def start(self, job: SampleJob) -> Trajectory:
         """A request's reverse process before its first model call: x_T drawn from its own generator. A bad
-        sampler, option or step count is a ValueError that names it."""
+        sampler, option, step count or class label is a ValueError that names it."""
         sampler = get_sampler(job.sampler)
+        labels = self.labels_for(job)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         x = torch.randn((job.num_images, *self.image_shape), generator=generator).to(self.device)
-        return Trajectory(job, sampler, sampler.start(self.schedule, x, job.steps, **job.options), generator)
+        return Trajectory(job, sampler, sampler.start(self.schedule, x, job.steps, **job.options), generator, labels)
 
     @torch.inference_mode()
     def tick(self, trajectories: list[Trajectory], max_forward: int = 1024) -> None:
-        """One model call for every unfinished trajectory (each image with its own t, chunked at `max_forward`
-        images), then each sampler's step."""
+        """One model call for every unfinished trajectory (each image with its own t, label and guidance scale;
+        chunked at `max_forward` images, guided images counting twice), then each sampler's step."""
         active = [tr for tr in trajectories if not tr.done]
         if not active:
             return
         start = time.perf_counter()
         inputs = [tr.sampler.model_input(tr.state) for tr in active]
+        sizes = [xi.shape[0] for xi, _ in inputs]
         x = torch.cat([xi for xi, _ in inputs])  # [ΣN, C, H, W]
-        t = torch.cat([torch.full((xi.shape[0],), ti, dtype=torch.long) for xi, ti in inputs]).to(self.device)
-        eps = torch.cat([self.model(xc, tc).to(x.dtype) for xc, tc in zip(x.split(max_forward), t.split(max_forward))])
-        for tr, e in zip(active, eps.split([xi.shape[0] for xi, _ in inputs])):
+        t = torch.cat([torch.full((n,), ti, dtype=torch.long) for n, (_, ti) in zip(sizes, inputs)]).to(self.device)
+        y = scale = None
+        if self.num_classes is not None:
+            y = torch.cat([tr.labels if tr.labels is not None else null_labels(self.num_classes, n, self.device)
+                           for tr, n in zip(active, sizes)])
+            scale = torch.cat([torch.full((n,), tr.job.guidance_scale) for tr, n in zip(active, sizes)]).to(x)
+        chunk = max(1, max_forward // 2) if scale is not None and bool((scale != 1.0).any()) else max_forward
+        outs = [denoise(self.model, x[k:k + chunk], t[k:k + chunk], None if y is None else y[k:k + chunk],
+                        1.0 if scale is None else scale[k:k + chunk]) for k in range(0, x.shape[0], chunk)]
+        for tr, part in zip(active, Denoised.cat(outs).split(sizes)):
             tr.started = start if tr.started is None else tr.started
             tr.max_tick_images = max(tr.max_tick_images, x.shape[0])
-            tr.sampler.step(tr.state, e, tr.generator)
+            tr.sampler.step(tr.state, part, tr.generator)
         self.counters["ticks"] += 1
         self.counters["tick_images"] += x.shape[0]
         self.counters["busy_s"] += time.perf_counter() - start
@@ -145,7 +181,10 @@ class Engine:
     def likelihood(self, x0: torch.Tensor, seed: int = 0) -> dict[str, list[float]]:
         """ELBO in bits/dim per image (full T-step bound, one noise sample per term). x0: [B, C, H, W] in [−1, 1]."""
         generator = torch.Generator(self.device).manual_seed(seed)
-        terms = nll_bpd(self.model, self.schedule, x0.to(self.device), generator=generator)
+        if hasattr(self.model, "nll_bpd"):  # a packaged model: its prediction type and learned variance
+            terms = self.model.nll_bpd(x0.to(self.device), generator=generator)
+        else:
+            terms = nll_bpd(self.model, self.schedule, x0.to(self.device), generator=generator)
         names = ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")
         return {name: terms[name].double().cpu().tolist() for name in names}
 

@@ -4,7 +4,7 @@ one model call at a time (the serving engine batches many trajectories into each
     state = sampler.start(sched, x_T, steps, **options)
     while not state.done:
         x, t = sampler.model_input(state)          # where and when the model is evaluated next
-        sampler.step(state, model(x, t), generator)
+        sampler.step(state, denoise(model, x, t_batch), generator)   # ε̂ (and x̂_0, v_Σ): diffusion.guidance
 
 A sampler object holds no per-run data: everything a run needs (its respaced schedule, current x, index, options and,
 for multistep methods, their history) lives in its `SamplerState`.
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SamplerSpec
 from diffusion.schedule import NoiseSchedule, logsnr_timesteps, spaced_timesteps
 
@@ -71,19 +72,33 @@ class Sampler:
 
     spec: SamplerSpec
 
+    # Can it start at ᾱ = 0 (a zero-terminal-SNR schedule's last step)? Only samplers that use x̂_0 there can.
+    zero_terminal_snr = False
+
     def start(self, sched: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None, **options) -> SamplerState:
-        """A run at its first reverse step from x_T: [B, C, H, W]; `steps` < T respaces by the `spacing` option."""
+        """A run at its first reverse step from x_T: [B, C, H, W]; `steps` < T respaces by the `spacing` option.
+        On a zero-terminal-SNR schedule the walk must start at T − 1 (a spacing such as "trailing")."""
         resolved = self.spec.resolve(options)
         steps = self.spec.steps_for(sched.num_timesteps, steps)
-        walk = respaced(sched, steps, resolved.get("spacing", "linspace"))
+        spacing = resolved.get("spacing", "linspace")
+        if float(sched.alphas_cumprod[-1]) == 0.0:
+            if not self.zero_terminal_snr:
+                raise ValueError(f"sampler {self.spec.name!r} cannot start from a zero-terminal-SNR schedule "
+                                 "(ᾱ = 0 at T − 1); use ddpm, ddim or dpmpp-2m")
+            last = sched.num_timesteps - 1
+            if spacing == "logsnr" or spaced_timesteps(sched.num_timesteps, steps, spacing)[-1] != last:
+                raise ValueError(f"spacing {spacing!r} with {steps} steps skips the terminal step T − 1 of this "
+                                 "zero-terminal-SNR model; use spacing 'trailing'")
+        walk = respaced(sched, steps, spacing)
         return SamplerState(walk, x_T, walk.num_timesteps - 1, resolved)
 
     def model_input(self, state: SamplerState) -> tuple[torch.Tensor, int]:
         """(x [B, C, H, W], t in ORIGINAL timestep units) at which the next model call evaluates ε."""
         return state.x, int(state.sched.timesteps[state.i])
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
-        """Advance `state` with the model's ε at `model_input(state)`; noise comes from `generator`."""
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
+        """Advance `state` with the model's output at `model_input(state)` (ε̂, and x̂_0 / v_Σ where the model
+        gives them); noise comes from `generator`."""
         raise NotImplementedError
 
     def total_calls(self, state: SamplerState) -> int:

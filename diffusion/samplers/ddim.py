@@ -27,17 +27,19 @@ def ddim_step(
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
     clip_x0: bool = True,
+    x0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε + σ z   (eq. 12). All [B, ...].
 
-    1. x̂_0 from ε ("predicted x_0"); when clipped, ε is recomputed from the clipped x̂_0 so both stay consistent
+    1. x̂_0 from ε ("predicted x_0"; or the model's own `x0`); when clipped, ε is recomputed from the clipped x̂_0 so both stay consistent
     2. σ from η (eq. 16)
     3. "direction pointing to x_t" √(1 − ᾱ_prev − σ²) ε plus noise σ z
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     abar, abar_prev = float(sched.alphas_cumprod[i]), float(sched.alphas_cumprod_prev[i])
-    x0 = x0_from_eps(x_t, eps, abar)
+    if x0 is None:
+        x0 = x0_from_eps(x_t, eps, abar)
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
         eps = eps_from_x0(x_t, x0, abar)
@@ -53,11 +55,13 @@ class DDIM(Sampler):
     """Eq. 12 on the respaced schedule; noise is drawn (after the model call) only when η > 0 and i > 0."""
 
     spec = SAMPLER_SPECS["ddim"]
+    zero_terminal_snr = True
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
         eta = state.options["eta"]
         noise = draw_noise(state, generator) if eta > 0 and state.i > 0 else None
-        self.advance(state, ddim_step(state.sched, eps, state.x, state.i, eta, noise, state.options["clip_x0"]))
+        self.advance(state, ddim_step(state.sched, out.eps, state.x, state.i, eta, noise, state.options["clip_x0"],
+                                      out.x0))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import math
 import torch
 
 from diffusion.process import x0_from_eps
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
 from diffusion.samplers.base import Sampler, SamplerState
 from diffusion.schedule import NoiseSchedule
@@ -50,10 +51,11 @@ class DPMSolverPP2M(Sampler):
     carries the last x̂_0 and log-SNR step."""
 
     spec = SAMPLER_SPECS["dpmpp-2m"]
+    zero_terminal_snr = True
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
         sched, i = state.sched, state.i
-        x0 = x0_from_eps(state.x, eps, float(sched.alphas_cumprod[i]))
+        x0 = x0_from_eps(state.x, out.eps, float(sched.alphas_cumprod[i])) if out.x0 is None else out.x0
         if state.options["clip_x0"]:
             x0 = x0.clamp(-1.0, 1.0)
         x_prev = dpmpp_2m_step(sched, x0, state.x, i, state.memory.get("x0"), state.memory.get("h"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.guidance import check_conditioning, denoise
 from diffusion.samplers.base import Progress
 from diffusion.schedule import NoiseSchedule
 
@@ -26,9 +27,15 @@ def sample(
     x_T: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    y: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
     **options,
 ) -> torch.Tensor:
     """x_0 [B, C, H, W] from the sampler registered as `sampler`, on `steps` reverse steps (its default if None).
+
+    A class-conditional model samples class y: [B] int64 (None = the null class, i.e. unconditional) with
+    classifier-free guidance scale `guidance_scale` (1 = plain conditional; see diffusion.guidance), one forward
+    pass per model call; labels or a scale ≠ 1 on an unconditional model are a ValueError.
 
     x_T ~ N(0, I) of `shape` is drawn from `generator` (on its device, or `device`) unless given; every later draw
     comes from the same generator, so a seed reproduces its samples. `options` are the sampler's (see
@@ -38,13 +45,15 @@ def sample(
     from diffusion.samplers.registry import get_sampler
 
     impl = get_sampler(sampler)
+    check_conditioning(model, y, guidance_scale)
     device = device or (generator.device if generator is not None else "cpu")
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
     state = impl.start(sched, x, steps, **options)
     total = impl.total_calls(state)
     while not state.done:
         x_in, t = impl.model_input(state)
-        impl.step(state, model_eps(model, x_in, t), generator)
+        t_batch = torch.full((x_in.shape[0],), t, device=x_in.device, dtype=torch.long)
+        impl.step(state, denoise(model, x_in, t_batch, y, guidance_scale), generator)
         if progress is not None:
             progress(state.nfe, total)
     return state.x

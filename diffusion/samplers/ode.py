@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
 from diffusion.samplers.base import Sampler, SamplerState
 from diffusion.schedule import NoiseSchedule
@@ -38,8 +39,8 @@ class ODEEuler(Sampler):
 
     spec = SAMPLER_SPECS["ode-euler"]
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
-        self.advance(state, ode_euler_step(state.sched, eps, state.x, state.i))
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
+        self.advance(state, ode_euler_step(state.sched, out.eps, state.x, state.i))
 
 
 class ODEHeun(Sampler):
@@ -54,12 +55,12 @@ class ODEHeun(Sampler):
             return state.memory["proposal"], int(state.sched.timesteps[state.i - 1])
         return super().model_input(state)
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
         if "proposal" in state.memory:
             del state.memory["proposal"]
-            self.advance(state, ode_heun_step(state.sched, state.memory.pop("eps"), eps, state.x, state.i))
+            self.advance(state, ode_heun_step(state.sched, state.memory.pop("eps"), out.eps, state.x, state.i))
         elif state.i == 0:
-            self.advance(state, ode_euler_step(state.sched, eps, state.x, state.i))
+            self.advance(state, ode_euler_step(state.sched, out.eps, state.x, state.i))
         else:
-            state.memory["proposal"] = ode_euler_step(state.sched, eps, state.x, state.i)
-            state.memory["eps"], state.nfe = eps, state.nfe + 1
+            state.memory["proposal"] = ode_euler_step(state.sched, out.eps, state.x, state.i)
+            state.memory["eps"], state.nfe = out.eps, state.nfe + 1

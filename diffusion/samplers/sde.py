@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
 from diffusion.samplers.base import Sampler, SamplerState, draw_noise
 from diffusion.schedule import NoiseSchedule
@@ -43,9 +44,9 @@ class ReverseSDE(Sampler):
 
     spec = SAMPLER_SPECS["sde"]
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
         noise = draw_noise(state, generator) if state.i > 0 else None
-        self.advance(state, reverse_sde_step(state.sched, eps, state.x, state.i, noise))
+        self.advance(state, reverse_sde_step(state.sched, out.eps, state.x, state.i, noise))
 
 
 class PredictorCorrector(Sampler):
@@ -59,13 +60,13 @@ class PredictorCorrector(Sampler):
         state.memory["corrections_left"] = state.options["corrector_steps"]
         return state
 
-    def step(self, state: SamplerState, eps: torch.Tensor, generator: torch.Generator | None) -> None:
+    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
         if state.memory["corrections_left"] > 0:
-            score, noise = score_from_eps(state.sched, eps, state.i), draw_noise(state, generator)
+            score, noise = score_from_eps(state.sched, out.eps, state.i), draw_noise(state, generator)
             delta = snr_step_size(score, noise, state.options["snr"], float(state.sched.alphas[state.i]))
             state.x, state.nfe = langevin_step(state.x, score, delta, noise), state.nfe + 1
             state.memory["corrections_left"] -= 1
             return
         noise = draw_noise(state, generator) if state.i > 0 else None
-        self.advance(state, reverse_sde_step(state.sched, eps, state.x, state.i, noise))
+        self.advance(state, reverse_sde_step(state.sched, out.eps, state.x, state.i, noise))
         state.memory["corrections_left"] = state.options["corrector_steps"]

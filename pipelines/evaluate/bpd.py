@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from diffusion.losses import nll_bpd
+from diffusion.packaged import DiffusionModel
+
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def select_images(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
 
 
 def evaluate_bpd(
-    model: torch.nn.Module,
+    model: DiffusionModel,
     images: torch.Tensor,
     batch_size: int,
     seed: int,
@@ -58,7 +59,6 @@ def evaluate_bpd(
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
         raise ValueError(f"test_images must be [N, {', '.join(map(str, model.image_shape))}] to match the model, "
                          f"got {tuple(images.shape)}")
-    sched = model.schedule()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     callback = None if progress is None else (lambda done, total: progress(1))
@@ -66,7 +66,7 @@ def evaluate_bpd(
     parts = []
     for first in range(0, images.shape[0], batch_size):
         x0 = images[first:first + batch_size].to(device, torch.float32)
-        out = nll_bpd(model, sched, x0, generator=generator, progress=callback)
+        out = model.nll_bpd(x0, generator=generator, progress=callback)  # its prediction type and Σ_θ
         parts.append({k: v.double().cpu() for k, v in out.items()})
     cat = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
     return BpdResult(total=cat["total_bpd"], prior=cat["prior_bpd"], vb=cat["vb_bpd"], decoder=cat["decoder_bpd"],

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, sampler_spec
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, model_eps, sample
 from diffusion.schedule import NoiseSchedule, spaced_timesteps
@@ -72,7 +73,7 @@ def test_runs_advanced_one_call_at_a_time_in_a_shared_batch_follow_their_exact_l
         x = torch.cat([xi for xi, _ in inputs])
         t = torch.cat([torch.full((xi.shape[0],), ti) for xi, ti in inputs])
         for (st, g), eps in zip(live, model(x, t).split([xi.shape[0] for xi, _ in inputs])):
-            impl.step(st, eps, g)
+            impl.step(st, Denoised(eps), g)
     for st, k_steps in zip(states, (steps, steps // 2)):
         assert st.nfe == k_steps
         spacing = sampler_spec(name).options["spacing"].default

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_NAMES, sampler_spec
 from diffusion.samplers import SAMPLERS, ddim_step, ddpm_step, ode_euler_step, reverse_sde_step, sample
 from diffusion.schedule import NoiseSchedule, logsnr_timesteps
@@ -45,7 +46,7 @@ def run(name, sched, x_T, steps, generator=None, stop_before_last=False, **optio
         if stop_before_last and state.i == 0 and "proposal" not in state.memory:
             break
         x, t = impl.model_input(state)
-        impl.step(state, model(x, torch.full((x.shape[0],), t)), generator)
+        impl.step(state, Denoised(model(x, torch.full((x.shape[0],), t))), generator)
     return state
 
 
