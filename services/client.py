@@ -3,6 +3,7 @@
     client = SamplerClient("http://127.0.0.1:8000")
     result = client.samples(sampler="ddim", steps=50, num_images=16, seed=0)
     result.save_grid("grid.png"); result.images  # uint8 [N, H, W, C]
+    client.samples(num_images=8, class_labels="seven", guidance_scale=3.0)  # a class-conditional model
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import requests
 from PIL import Image
 
 from services import codec
+
+
+# Class labels of a request: one class index or name for all images, or a sequence of one per image.
+Labels = int | str | Sequence[int | str] | None
 
 
 class APIError(RuntimeError):
@@ -114,12 +120,17 @@ class SamplerClient:
     @staticmethod
     def samples_body(sampler: str = "ddim", steps: int | None = None, num_images: int = 1, seed: int | None = None,
                      eta: float = 0.0, format: str = "png", clip_denoised: bool = True,
-                     nrow: int | None = None, **options) -> dict:
+                     nrow: int | None = None, class_labels: Labels = None, guidance_scale: float | None = None,
+                     **options) -> dict:
         """The request body; `options` are further sampler options by request field (variance, spacing, ...),
-        None meaning the sampler's default."""
+        None meaning the sampler's default. A class-conditional model takes `class_labels` (a class index or name
+        for all images, or a list of one per image) and a classifier-free `guidance_scale` (1: none)."""
         body: dict[str, Any] = {"sampler": sampler, "num_images": num_images, "format": format,
                                 "clip_denoised": clip_denoised}
-        for key, value in (("steps", steps), ("seed", seed), ("nrow", nrow), *options.items()):
+        if class_labels is not None:
+            body["class_labels"] = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        for key, value in (("steps", steps), ("seed", seed), ("nrow", nrow), ("guidance_scale", guidance_scale),
+                           *options.items()):
             if value is not None:
                 body[key] = value
         if eta:
@@ -128,10 +139,12 @@ class SamplerClient:
 
     def samples(self, sampler: str = "ddim", steps: int | None = None, num_images: int = 1, seed: int | None = None,
                 eta: float = 0.0, format: str = "png", clip_denoised: bool = True,
-                nrow: int | None = None, **options) -> SampleResult:
+                nrow: int | None = None, class_labels: Labels = None, guidance_scale: float | None = None,
+                **options) -> SampleResult:
         """POST /v1/samples with any registered sampler and its options (see `samples_body`). steps None: the
-        sampler's default; seed None: random."""
-        body = self.samples_body(sampler, steps, num_images, seed, eta, format, clip_denoised, nrow, **options)
+        sampler's default; seed None: random; class_labels None: unconditional."""
+        body = self.samples_body(sampler, steps, num_images, seed, eta, format, clip_denoised, nrow, class_labels,
+                                 guidance_scale, **options)
         return SampleResult(self._request("POST", "/v1/samples", json=body))
 
     def samples_stream(self, progress=None, **kwargs) -> SampleResult:

@@ -2,6 +2,7 @@
 
     raydiff serve --model-uri models:/digits@champion --tracking-uri sqlite:///mlruns.db --port 8000
     raydiff sample --url http://127.0.0.1:8000 --sampler ddim --steps 50 -n 16 -o grid.png
+    raydiff sample --class 7 --guidance 3 -n 16 -o sevens.png          # a class-conditional model
 
 Also runnable alone: `python -m services.client_cli serve ...`.
 """
@@ -62,6 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def class_labels(values: list[str] | None) -> list[int | str] | None:
+    """`--class` values (repeated and/or comma lists) → request labels: digits are class indices, anything else a
+    class name; None when not given."""
+    if not values:
+        return None
+    labels = [token.strip() for value in values for token in value.split(",") if token.strip()]
+    return [int(token) if token.isdecimal() else token for token in labels] or None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from services.client import APIError, SamplerClient
 
@@ -69,7 +79,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         result = client.samples(sampler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed,
                                 eta=args.eta, format="grid" if args.output.endswith(".png") else "npy",
-                                clip_denoised=not args.no_clip, nrow=args.nrow)
+                                clip_denoised=not args.no_clip, nrow=args.nrow,
+                                class_labels=class_labels(args.class_labels), guidance_scale=args.guidance)
     except APIError as error:
         print(f"raydiff sample: {error}", file=sys.stderr)
         return 2 if error.status in (413, 422) else 1
@@ -83,8 +94,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         np.save(args.output, result.array)
     r = result.response
-    print(f"wrote {args.output}: {r['shape'][0]} images, {r['sampler']} {r['steps']} steps, seed {r['seed']}, "
-          f"model {r['model']['name']} v{r['model']['version']}, {r['timing']['total_s']:.2f}s")
+    labels = r.get("class_labels")
+    if labels:
+        names = r["model"].get("class_names") or [str(k) for k in range(max(labels) + 1)]
+        shown = sorted(set(labels), key=labels.index)
+        conditioning = f", class {', '.join(names[k] for k in shown)} (guidance {r['guidance_scale']:g})"
+    else:
+        conditioning = ""
+    print(f"wrote {args.output}: {r['shape'][0]} images, {r['sampler']} {r['steps']} steps, seed {r['seed']}"
+          f"{conditioning}, model {r['model']['name']} v{r['model']['version']}, {r['timing']['total_s']:.2f}s")
     return 0
 
 
@@ -117,6 +135,11 @@ def add_commands(subparsers) -> None:
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--nrow", type=int, default=None)
     sample.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0")
+    sample.add_argument("--class", dest="class_labels", action="append", metavar="LABEL",
+                        help="class-conditional models: a class index or name for all images, or one per image "
+                             "(repeat, or a comma list: --class 3,1,4); see GET /v1/models for the classes")
+    sample.add_argument("--guidance", type=float, default=None, metavar="S",
+                        help="classifier-free guidance scale with --class (1: none, default; e.g. 3)")
     sample.add_argument("-o", "--output", default="grid.png", help=".png: a grid; .npy: float32 [N, C, H, W]")
     sample.add_argument("--timeout", type=float, default=600.0)
     sample.set_defaults(func=cmd_sample)

@@ -4,7 +4,10 @@ The serving deployment and the in-process benchmark baseline both call `Engine`,
 batching lives here: every request in flight is a `Trajectory` (a `diffusion.samplers` state at its own step), and
 one `tick` advances all of them with ONE model call (the model takes a t per image), so requests that arrive while
 others run join at the next tick instead of waiting for a whole reverse process. Trajectories of different samplers,
-step counts and options share each call; afterwards each takes its own sampler step.
+step counts and options share each call; afterwards each takes its own sampler step. On a class-conditional model
+the call also carries each image's label and guidance scale (`diffusion.guidance.denoise`: guided images are
+evaluated a second time with the null class in the same call), so requests for different classes and scales still
+share one forward pass.
 
 Each request draws its x_T and per-step noise from its own `torch.Generator(seed)` (on the CPU, so a seed gives the
 same noise on any device), in the same order as `diffusion.samplers.sample` with that generator. So a seed
@@ -15,6 +18,7 @@ reproduces its images whatever it was batched with (up to float rounding of batc
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -76,7 +80,7 @@ class Trajectory:
     generator: torch.Generator
     labels: torch.Tensor | None = None  # [N] int64 on the engine's device; None = null class
     started: float | None = None  # perf_counter at its first model call
-    max_tick_images: int = 0  # the largest model call (in images) it took part in
+    max_tick_images: int = 0  # the largest model call (in images, guided ones counting twice) it took part in
 
     @property
     def done(self) -> bool:
@@ -89,7 +93,8 @@ class Trajectory:
 
 
 class Engine:
-    """A model (`model(x_t, t) -> eps`, with `.schedule()` and `.image_shape`) on a device, ready to sample."""
+    """A model (`model(x_t, t) -> eps`, or `model(x_t, t, y)` for a class-conditional one; with `.schedule()` and
+    `.image_shape`) on a device, ready to sample."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -110,19 +115,25 @@ class Engine:
 
     def labels_for(self, job: SampleJob) -> torch.Tensor | None:
         """The job's class labels as [num_images] int64 on the device (None = unconditional); a label count other
-        than 1 or num_images, a label outside the model's classes, or conditioning an unconditional model is a
-        ValueError."""
+        than 1 or num_images, a label outside the model's classes, conditioning an unconditional model, or a guidance
+        scale ≠ 1 without labels is a ValueError."""
         check_conditioning(self.model, job.class_labels, job.guidance_scale)
+        if not math.isfinite(job.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {job.guidance_scale}")
         if job.class_labels is None:
+            if job.guidance_scale != 1.0:
+                raise ValueError(f"guidance_scale {job.guidance_scale} needs class_labels (guiding the null class "
+                                 "towards itself changes nothing)")
             return None
         labels = list(job.class_labels)
         if len(labels) not in (1, job.num_images):
             raise ValueError(f"class_labels has {len(labels)} labels; give 1 or num_images={job.num_images}")
-        bad = [label for label in labels if not 0 <= label < self.num_classes]
+        bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, numbers.Integral)
+               or not 0 <= label < self.num_classes]
         if bad:
             raise ValueError(f"class_labels {bad} outside the model's classes 0..{self.num_classes - 1}")
         labels = labels * job.num_images if len(labels) == 1 else labels
-        return torch.tensor(labels, dtype=torch.long, device=self.device)
+        return torch.tensor([int(label) for label in labels], dtype=torch.long, device=self.device)
 
     def start(self, job: SampleJob) -> Trajectory:
         """A request's reverse process before its first model call: x_T drawn from its own generator. A bad
@@ -150,15 +161,17 @@ class Engine:
             y = torch.cat([tr.labels if tr.labels is not None else null_labels(self.num_classes, n, self.device)
                            for tr, n in zip(active, sizes)])
             scale = torch.cat([torch.full((n,), tr.job.guidance_scale) for tr, n in zip(active, sizes)]).to(x)
-        chunk = max(1, max_forward // 2) if scale is not None and bool((scale != 1.0).any()) else max_forward
+        guided = 0 if scale is None else int((scale != 1.0).sum())  # rows evaluated twice (label and null class)
+        chunk = max(1, max_forward // 2) if guided else max_forward
         outs = [denoise(self.model, x[k:k + chunk], t[k:k + chunk], None if y is None else y[k:k + chunk],
                         1.0 if scale is None else scale[k:k + chunk]) for k in range(0, x.shape[0], chunk)]
+        forward_images = x.shape[0] + guided
         for tr, part in zip(active, Denoised.cat(outs).split(sizes)):
             tr.started = start if tr.started is None else tr.started
-            tr.max_tick_images = max(tr.max_tick_images, x.shape[0])
+            tr.max_tick_images = max(tr.max_tick_images, forward_images)
             tr.sampler.step(tr.state, part, tr.generator)
         self.counters["ticks"] += 1
-        self.counters["tick_images"] += x.shape[0]
+        self.counters["tick_images"] += forward_images
         self.counters["busy_s"] += time.perf_counter() - start
 
     @staticmethod

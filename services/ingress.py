@@ -2,7 +2,8 @@
 towards the model deployment. It never imports torch: a request is validated against the sampler catalog
 (`diffusion.sampler_specs`, plain data) and passed on as a plain dict.
 
-    POST /v1/samples   samples from any registered sampler (png | npy | grid), batched across callers
+    POST /v1/samples   samples from any registered sampler (png | npy | grid), batched across callers; a
+                       class-conditional model takes class_labels and a classifier-free guidance_scale
     POST /v1/samples/stream   the same for one request, with per-step progress (NDJSON)
     POST /v1/likelihood   ELBO bits/dim of uploaded images
     POST /v1/interpolate  DDIM-encode two images, slerp the latents, decode
@@ -157,6 +158,49 @@ def encode(images: np.ndarray, fmt: str, nrow: int | None) -> list[str]:
     return [codec.b64(codec.grid_png(images, nrow))]
 
 
+def _class_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", … ({len(names)} in all, GET /v1/models lists them)" if len(names) > limit else "")
+
+
+def class_labels(body: BaseModel, info: dict) -> list[int] | None:
+    """The request's class labels as class indices (one, or one per image), checked against the served model's
+    classes: an index 0…K−1, a class name, or an index written as a string (names win where both match). Labels on
+    an unconditional model, a guidance scale ≠ 1 without labels or on an unconditional model, a label count other
+    than 1 or num_images, or an unknown label are a 422 naming the field."""
+    num_classes, names = info.get("num_classes"), info.get("class_names")
+    labels, scale = body.class_labels, body.guidance_scale
+    if num_classes is None:
+        if labels is not None:
+            raise invalid("class_labels", "this model is unconditional (trained without classes): omit class_labels",
+                          labels)
+        if scale != 1.0:
+            raise invalid("guidance_scale", f"must be 1 for this unconditional model (classifier-free guidance needs "
+                                            f"a class-conditional one), got {scale:g}", scale)
+        return None
+    if labels is None:
+        if scale != 1.0:
+            raise invalid("guidance_scale", f"needs class_labels (guidance steers towards a class), got {scale:g} "
+                                            "without any", scale)
+        return None
+    if len(labels) not in (1, body.num_images):
+        raise invalid("class_labels", f"give 1 label (for all images) or num_images={body.num_images} labels, got "
+                                      f"{len(labels)}", labels)
+    names = list(names or (str(k) for k in range(num_classes)))
+    indices = []
+    for k, label in enumerate(labels):
+        if isinstance(label, str) and label in names:
+            indices.append(names.index(label))
+        elif isinstance(label, str) and label.isdecimal() and int(label) < num_classes:
+            indices.append(int(label))
+        elif isinstance(label, int) and 0 <= label < num_classes:
+            indices.append(label)
+        else:
+            raise invalid(f"class_labels.{k}", f"{label!r} is not a class of this model: give an index "
+                                               f"0…{num_classes - 1} or a name ({_class_list(names)})", label)
+    return indices
+
+
 async def _awaited(response):
     return await response
 
@@ -271,15 +315,16 @@ class Ingress:
 
     @api.get("/v1/models", response_model=list[ModelInfo], responses=ERRORS)
     async def models(self) -> list[dict]:
-        """The served model: registry name, version and alias, image size, T and the training run id."""
+        """The served model: registry name, version and alias, image size, T, the training run id and, for a
+        class-conditional model, its classes (what `class_labels` accepts)."""
         self._info = await self._call("info")
         self._info_at = time.monotonic()
         return [self._info]
 
     async def _job(self, body: SampleRequest) -> dict:
-        """The request as SampleJob fields, after the checks that need the model (T), the sampler catalog or the
-        app's limits. An option set to its default for a sampler that does not take it is ignored; any other value
-        for it is a 422 naming the field."""
+        """The request as SampleJob fields, after the checks that need the model (T, its classes), the sampler
+        catalog or the app's limits. An option set to its default for a sampler that does not take it is ignored;
+        any other value for it is a 422 naming the field."""
         info = await self.model_info()
         T = info["num_timesteps"]
         spec = SAMPLER_SPECS[body.sampler]
@@ -300,20 +345,23 @@ class Ingress:
                                         f"got {body.num_images}", body.num_images)
         seed = body.seed if body.seed is not None else random.randint(0, MAX_SEED)
         return {"sampler": body.sampler, "steps": steps, "num_images": body.num_images, "seed": seed,
-                "options": options}
+                "options": options, "class_labels": class_labels(body, info), "guidance_scale": body.guidance_scale}
 
     async def _respond(self, body: SampleRequest, job: dict, result: dict, received: float,
                        called: float) -> SampleResponse:
         returned = time.perf_counter()
         images = await asyncio.to_thread(encode, result["images"], body.format, body.nrow)
         done = time.perf_counter()
+        labels = job["class_labels"]
+        if labels is not None and len(labels) == 1:
+            labels = labels * job["num_images"]
         timing = Timing(total_s=done - received, queue_s=max(returned - called - result["sample_s"], 0.0),
                         sample_s=result["sample_s"], encode_s=done - returned,
                         batch_requests=result["batch_requests"], batch_images=result["batch_images"])
         return SampleResponse(format=body.format, images=images, shape=list(result["images"].shape),
                               sampler=job["sampler"], steps=job["steps"], eta=job["options"].get("eta", 0.0),
                               options={REQUEST_FIELD.get(k, k): v for k, v in job["options"].items()},
-                              seed=job["seed"],
+                              seed=job["seed"], class_labels=labels, guidance_scale=job["guidance_scale"],
                               model=ModelInfo(**result["model"]), timing=timing)
 
     @api.post("/v1/samples", response_model=SampleResponse, responses=ERRORS)

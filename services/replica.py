@@ -79,9 +79,13 @@ class SamplerDeployment:
         self.sample.set_max_batch_size(self.args.max_batch_size)
         self.sample.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         c, h, _ = self.engine.image_shape
+        num_classes = self.engine.num_classes
+        class_names = None if num_classes is None else \
+            list(getattr(model, "class_names", None) or (str(k) for k in range(num_classes)))
         self._info = ModelInfo(**{k: v for k, v in self.ref.to_json().items() if k != "run_id"}, image_size=h,
                                channels=c, num_timesteps=self.engine.num_timesteps, schedule=model.schedule_name,
-                               device=str(device), replica=self.replica).model_dump()
+                               device=str(device), replica=self.replica, num_classes=num_classes,
+                               class_names=class_names).model_dump()
         log.info("raydiff: loaded %s (%s) on %s in %.1fs", self.ref.loaded_uri, self.ref.uri, device,
                  time.perf_counter() - start)
 
@@ -96,12 +100,15 @@ class SamplerDeployment:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _flight(self, job: dict, batch_requests: int, progress: asyncio.Queue | None = None) -> _Flight:
-        """A request as a flight; a job the engine cannot start (bad sampler, option or steps) fails alone."""
+        """A request as a flight; a job the engine cannot start (bad sampler, option, steps or class label) fails
+        alone."""
         from services.engine import SampleJob
 
         future = asyncio.get_running_loop().create_future()
         try:
-            trajectory = self.engine.start(SampleJob(**job))
+            labels = job.get("class_labels")
+            trajectory = self.engine.start(SampleJob(**{**job, "class_labels": None if labels is None else
+                                                        tuple(labels)}))
         except Exception as error:
             future.set_exception(error)
             trajectory = None

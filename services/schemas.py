@@ -7,9 +7,10 @@ Unknown fields are errors, so a typo (`step` for `steps`) is not silently ignore
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema,
+                      create_model)
 
 from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, OptionSpec
 
@@ -30,6 +31,27 @@ def _sampler_lines() -> str:
                      f"{'T' if s.default_steps is None else f'min({s.default_steps}, T)'}" for s in SAMPLER_SPECS.values())
 
 
+MAX_GUIDANCE_SCALE = 20.0
+
+
+def _label(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("a class label is a class index (integer) or a class name (string)")
+    return value
+
+
+def _one_label_for_all(value: Any) -> Any:
+    """A bare label means that label for every image."""
+    return [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+
+
+# A class label: an index (0…K−1, or the index as a string) or one of the model's class names (see GET /v1/models);
+# checked against the served model by the ingress.
+Label = Annotated[Any, PlainValidator(_label),
+                  WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]})]
+ClassLabels = Annotated[Annotated[list[Label], Field(min_length=1)] | None, BeforeValidator(_one_label_for_all)]
+
+
 class _SampleFields(Strict):
     sampler: Literal[SAMPLER_NAMES] = Field("ddim", description=_sampler_lines())  # type: ignore[valid-type]
     steps: int | None = Field(None, ge=1, description="reverse steps, 1…T (default: the sampler's, see `sampler`); "
@@ -40,6 +62,14 @@ class _SampleFields(Strict):
     format: Format = Field("png", description="png: one base64 PNG per image; npy: one base64 .npy of float32 "
                                               "[N, C, H, W] in [-1, 1]; grid: one base64 PNG grid")
     nrow: int | None = Field(None, ge=1, le=1024, description="grid: images per row (default ⌈√N⌉)")
+    class_labels: ClassLabels = Field(None, description="class-conditional models: the class of each image — one "
+                                                        "label for all images or one per image; a label is a class "
+                                                        "index or a class name (GET /v1/models lists them). Omitted: "
+                                                        "unconditional (the null class)")
+    guidance_scale: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE_SCALE,
+                                  description="classifier-free guidance s with class_labels: ε̂ = ε(∅) + s·(ε(y) − "
+                                              "ε(∅)); 1 = plain conditional sampling, 0 = unconditional, > 1 = "
+                                              "stronger class fidelity, less diversity")
 
 
 def _option_default(name: str) -> Any:
@@ -110,6 +140,9 @@ class ModelInfo(BaseModel):
     schedule: str
     device: str
     replica: str | None = None
+    num_classes: int | None = Field(None, description="classes of a class-conditional model; None: unconditional")
+    class_names: list[str] | None = Field(None, description="class names by index (the indices \"0\"…\"K−1\" "
+                                                            "when the model has none): what class_labels accepts")
     samplers: list[SamplerInfo] = Field(default_factory=sampler_infos, description="the samplers this endpoint runs")
 
 
@@ -133,6 +166,8 @@ class SampleResponse(BaseModel):
     eta: float = Field(description="DDIM's η (0 for samplers without it)")
     options: dict[str, Any] = Field(description="the sampler options this request set (request field names)")
     seed: int
+    class_labels: list[int] | None = Field(None, description="the class index of each image (None: unconditional)")
+    guidance_scale: float = Field(1.0, description="classifier-free guidance scale (1: none)")
     model: ModelInfo
     timing: Timing
 

@@ -13,6 +13,8 @@ import requests
 from tests.conftest import free_port
 
 MODEL_NAME = "digits-tiny"
+COND_MODEL_NAME = "digits-tiny-cond"
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def digits_x0():
@@ -43,6 +45,39 @@ def train_tiny(steps: int = 150, seed: int = 0, batch_size: int = 64, metadata: 
     for _ in range(steps):
         batch = x0[torch.randint(0, len(x0), (batch_size,))]
         loss = l_simple(model, sched, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+def train_tiny_conditional(steps: int = 60, seed: int = 0, batch_size: int = 64, p_uncond: float = 0.1):
+    """A 10-class tiny DiffusionModel (digit names as class names) after `steps` Adam steps of L_simple on digits
+    with their labels, each label dropped to the null class with probability `p_uncond` (classifier-free guidance
+    training)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from diffusion.packaged import DiffusionModel
+    from diffusion.process import model_timesteps, q_sample
+    from diffusion.unet import UNet, UNetConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = DiffusionModel(UNet(UNetConfig.preset("tiny", num_classes=10)), "linear", 1000, class_names=DIGIT_NAMES)
+    sched = model.schedule()
+    x0, y0 = digits_x0(), torch.tensor(load_digits().target, dtype=torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(x0), (batch_size,))
+        y = torch.where(torch.rand(batch_size) < p_uncond, 10, y0[index])
+        t = torch.randint(0, sched.num_timesteps, (batch_size,))
+        noise = torch.randn_like(x0[index])
+        loss = F.mse_loss(model(q_sample(sched, x0[index], t, noise), model_timesteps(sched, t), y), noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,3 +160,20 @@ def served(ray_session, trained):
     wait_ready(url)
     yield Served(url, port, tracking_uri, model_uri, model.metadata["training_run_id"])
     serve.shutdown()
+
+
+@pytest.fixture(scope="package")
+def served_conditional(served):
+    """A class-conditional model (COND_MODEL_NAME v1 @champion, digit names as class names) as a second application
+    on the same Serve instance, under /cond/ — deployed only when a test asks for it."""
+    from services.deploy import deploy
+
+    model = train_tiny_conditional()
+    log_and_register(model, served.tracking_uri, name=COND_MODEL_NAME)
+    model_uri = f"models:/{COND_MODEL_NAME}@champion"
+    url = deploy(model_uri, served.tracking_uri, route_prefix="/cond", port=served.port, max_batch_size=8,
+                 name="raydiff-cond", batch_wait_timeout_s=0.2, max_num_images=32, request_timeout_s=60,
+                 max_body_bytes=256 * 1024, device="cpu")
+    url = url.rstrip("/") + "/"
+    wait_ready(url)
+    yield Served(url, served.port, served.tracking_uri, model_uri, model.metadata["training_run_id"], "raydiff-cond")

@@ -47,6 +47,11 @@ PNG_8x8, PNG_16x16 = _png(8), _png(16)
     ({"clip_denoised": "yes"}, "clip_denoised"),
     ({"nrow": 0}, "nrow"),
     ({"stepz": 10}, "stepz"),             # unknown fields are errors, not ignored
+    ({"class_labels": [1]}, "class_labels"),       # the served model is unconditional
+    ({"class_labels": "seven"}, "class_labels"),
+    ({"guidance_scale": 3.0}, "guidance_scale"),    # guidance needs a class-conditional model
+    ({"guidance_scale": 0.0}, "guidance_scale"),
+    ({"guidance_scale": 25.0}, "guidance_scale"),
 ])
 def test_bad_sample_fields_are_422_naming_the_field(served, change, field):
     r = requests.post(served.url + "v1/samples", json={**GOOD, **change}, timeout=60)
@@ -117,3 +122,5 @@ def test_wrong_methods_and_paths_are_4xx(served):
 
 def test_server_still_serves_after_bad_input(served):
     assert requests.post(served.url + "v1/samples", json=GOOD, timeout=60).status_code == 200
+    plain = requests.post(served.url + "v1/samples", json={**GOOD, "guidance_scale": 1.0}, timeout=60)
+    assert plain.status_code == 200 and plain.json()["class_labels"] is None  # s = 1 is no guidance: accepted

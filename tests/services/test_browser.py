@@ -18,6 +18,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from tests.conftest import free_port
+from tests.services.conftest import DIGIT_NAMES
 
 WINDOW = (900, 700)
 
@@ -90,6 +91,8 @@ def test_page_samples_and_renders(served, tmp_path):
         assert 'src="data:image/png;base64,' in dom
         wait_for(evaluate, "document.getElementById('model').textContent.includes('@champion')")
         assert "digits-tiny v1 @champion" in evaluate("document.getElementById('model').textContent")
+        # an unconditional model: no class picker, no guidance slider
+        assert evaluate("document.getElementById('cls-field').hidden && document.getElementById('gs-field').hidden")
         evaluate.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
                       mobile=False)
         shot = evaluate.call("Page.captureScreenshot", format="png")["data"]
@@ -107,3 +110,29 @@ def test_page_samples_and_renders(served, tmp_path):
     # the title is drawn in the page's accent blue (#1f4fd1)
     blue = (abs(pixels[..., 0] - 0x1f) < 40) & (abs(pixels[..., 1] - 0x4f) < 40) & (abs(pixels[..., 2] - 0xd1) < 40)
     assert blue[:80].sum() > 50, "heading not rendered"
+
+
+def test_page_class_picker_and_guidance_slider(served_conditional, tmp_path):
+    """A class-conditional model: the picker lists its classes, `class` and `guidance` prefill picker and slider,
+    and the sample request carries both."""
+    url = served_conditional.url + "?run=1&sampler=ddim&steps=3&n=4&seed=0&class=seven&guidance=2.5"
+    with page(tmp_path, url) as evaluate:
+        wait_for(evaluate, "document.body.dataset.sampled === '1'")
+        assert evaluate("!document.getElementById('cls-field').hidden && !document.getElementById('gs-field').hidden")
+        options = evaluate("[...document.getElementById('cls').options].map((o) => o.text)")
+        assert options == ["none", "each (cycled)"] + [f"{k}: {name}" for k, name in enumerate(DIGIT_NAMES)]
+        assert evaluate("document.getElementById('cls').value") == "7"
+        assert evaluate("document.getElementById('gs-value').textContent") == "2.5"
+        assert "done: 4 images, ddim 3 steps, seed 0, class seven, guidance 2.5" in \
+            evaluate("document.getElementById('status').textContent")
+        assert "10 classes" in evaluate("document.getElementById('model').textContent")
+        # every class, one per image, unguided: the slider is disabled without a class and the request has none
+        evaluate("document.getElementById('cls').value = 'each'; document.getElementById('n').value = '12';"
+                 "document.body.dataset.sampled = '';"
+                 "document.getElementById('form').requestSubmit()")
+        wait_for(evaluate, "document.body.dataset.sampled === '1'")
+        assert "done: 12 images, ddim 3 steps, seed 0, 10 classes, guidance 2.5" in \
+            evaluate("document.getElementById('status').textContent")
+        evaluate("document.getElementById('cls').value = ''; document.getElementById('cls').dispatchEvent("
+                 "new Event('change'))")
+        assert evaluate("document.getElementById('gs').disabled")
