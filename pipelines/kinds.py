@@ -12,6 +12,7 @@ from pipelines.stage import StageKind
 KINDS = {
     "ingest": "pipelines.ingest.stage:KIND",
     "train": "pipelines.train.stage:KIND",
+    "sweep": "pipelines.sweep.stage:KIND",
     "evaluate": "pipelines.evaluate.stage:KIND",
     "register": "pipelines.register.stage:KIND",
     "deploy": "pipelines.deploy.stage:KIND",

@@ -151,5 +151,5 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind(name="evaluate", params="pipelines.evaluate.config:EvaluateConfig", run=run,
-                 inputs={"model": ("train",), "data": ("ingest",)}, code=("pipelines.evaluate", "diffusion"),
+                 inputs={"model": ("train", "sweep"), "data": ("ingest",)}, code=("pipelines.evaluate", "diffusion"),
                  resources={"num_cpus": 1})
