@@ -76,6 +76,14 @@ def check_conditioning(model: torch.nn.Module, y, guidance_scale) -> None:
                          "unconditional (use 1)")
 
 
+def drop_labels(y: torch.Tensor, num_classes: int, p_uncond: float, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Training labels for classifier-free guidance: each of y: [B] int64 replaced by the null class (num_classes)
+    with probability p_uncond, independently. → [B] int64 (a new tensor)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
 def denoise(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
             guidance_scale: float | torch.Tensor = 1.0) -> Denoised:
     """ε̂ (and x̂_0, v_Σ where the model gives them) at x: [B, C, H, W], t: [B] int64 (original timesteps),

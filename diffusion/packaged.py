@@ -21,6 +21,12 @@ from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet, UNetConfig
 
 
+def build_schedule(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
+    """The training schedule by name ("linear" | "cosine"), zero-terminal-SNR rescaled when asked."""
+    sched = NoiseSchedule.from_name(name, num_timesteps)
+    return rescale_zero_terminal_snr(sched) if zero_terminal_snr else sched
+
+
 class DiffusionModel(nn.Module):
     # Class-level defaults: models pickled before these fields existed load as ε-prediction, linear-SNR, no classes.
     prediction = "eps"
@@ -45,8 +51,7 @@ class DiffusionModel(nn.Module):
         self._schedule = self._build_schedule()  # fails now, not at sampling time, on an unknown schedule
 
     def _build_schedule(self) -> NoiseSchedule:
-        sched = NoiseSchedule.from_name(self.schedule_name, self.num_timesteps)
-        return rescale_zero_terminal_snr(sched) if self.zero_terminal_snr else sched
+        return build_schedule(self.schedule_name, self.num_timesteps, self.zero_terminal_snr)
 
     def schedule(self) -> NoiseSchedule:
         if "_schedule" not in self.__dict__:  # a model pickled before the schedule was cached
@@ -62,9 +67,12 @@ class DiffusionModel(nn.Module):
         return getattr(self.unet.config, "num_classes", None)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
-        """x: [B, C, H, W], t: [B] int64 original timesteps, y: [B] int64 labels or None → ε̂, x̂_0, v_Σ (or None)."""
+        """x: [B, C, H, W], t: [B] int64 original timesteps, y: [B] int64 labels or None → ε̂, x̂_0 (None for an
+        ε-prediction model), v_Σ (None without a learned variance)."""
         output = self.unet(x, t) if y is None else self.unet(x, t, y)
         pred, var_values = split_output(output, self.learn_variance)
+        if self.prediction == "eps":  # samplers derive x̂_0 from ε̂ themselves, exactly as for any ε-model
+            return Denoised(pred, None, var_values)
         parts = model_prediction(self.schedule(), x, t, pred, self.prediction)
         return Denoised(parts.eps, parts.x0, var_values)
 

@@ -22,6 +22,12 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _reciprocal(abar: np.ndarray) -> np.ndarray:
+    """1/ᾱ, inf where ᾱ = 0 (the last step of a zero-terminal-SNR schedule), without a divide warning."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / abar
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """All per-step arrays have shape [T] and dtype float64 (read-only).
@@ -75,8 +81,8 @@ class NoiseSchedule:
             "alphas_cumprod_prev": abar_prev,
             "sqrt_alphas_cumprod": np.sqrt(abar),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
+            "sqrt_recip_alphas_cumprod": np.sqrt(_reciprocal(abar)),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(_reciprocal(abar) - 1.0),
             "posterior_variance": post_var,
             "posterior_log_variance_clipped": log_var_clipped,
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),

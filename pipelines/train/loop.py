@@ -1,7 +1,10 @@
-"""`train_loop_per_worker`: the L_simple training loop each Ray Train worker runs (Ho et al. 2020, Alg. 1).
+"""`train_loop_per_worker`: the training loop each Ray Train worker runs (Ho et al. 2020, Alg. 1), with the
+objective, prediction type, learned variance and loss weighting of the config (diffusion.objectives), and label
+dropout for a class-conditional model (classifier-free guidance).
 
 Rank 0 alone logs to MLflow and writes checkpoints; every rank calls `ray.train.report` at checkpoint steps.
-Checkpoints hold model, EMA, optimizer, LR schedule, step and data position; per-step seeds are derived from
+Checkpoints hold model, EMA, optimizer, LR schedule, the importance sampler of t (objective l_vlb), step and
+data position; per-step seeds are derived from
 (seed, rank, step), so a resumed run continues with the draws an uninterrupted one would have made.
 """
 
@@ -24,9 +27,9 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffusion.ema import EMA
-from diffusion.losses import l_simple
-from diffusion.packaged import DiffusionModel
-from diffusion.schedule import NoiseSchedule
+from diffusion.guidance import drop_labels
+from diffusion.objectives import ImportanceSampler, training_losses
+from diffusion.packaged import DiffusionModel, build_schedule
 from diffusion.unet import UNet, UNetConfig
 from pipelines.train.checkpoint import load_state, save_state, step_seed
 from pipelines.train.config import TrainConfig
@@ -34,8 +37,9 @@ from pipelines.train.monitor import heldout_elbo, memory_metrics, sample_grids
 
 
 def batches_per_epoch(cfg: TrainConfig, train_dir: str, rank: int, world: int,
-                      batch: int) -> Callable[[int], Iterator[torch.Tensor]]:
-    """epoch → this worker's images for that epoch: [batch, C, H, W] float32 in [−1, 1], a disjoint subset per rank.
+                      batch: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """epoch → this worker's (images [batch, C, H, W] float32 in [−1, 1], labels [batch] int64, −1 = unknown) for
+    that epoch, a disjoint subset per rank.
 
     One loader serves every epoch, so the webdataset loader's decoded-shard cache lasts the whole run."""
     if cfg.loader == "webdataset":
@@ -46,11 +50,11 @@ def batches_per_epoch(cfg: TrainConfig, train_dir: str, rank: int, world: int,
 
         def webdataset_epoch(epoch: int) -> Iterator[torch.Tensor]:
             loader.set_epoch(epoch)
-            return (images for images, _labels in loader)
+            return iter(loader)
 
         return webdataset_epoch
     shard = ray.train.get_dataset_shard("train")
-    return lambda epoch: (b["image"] for b in shard.iter_torch_batches(
+    return lambda epoch: ((b["image"], b["label"]) for b in shard.iter_torch_batches(
         batch_size=batch, drop_last=True, local_shuffle_buffer_size=4 * batch, local_shuffle_seed=cfg.seed + epoch))
 
 
@@ -60,6 +64,27 @@ def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor.tolist()
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor [n, ...] (same shape on each), concatenated in rank order: [world · n, ...]."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def conditioning_labels(labels: torch.Tensor, num_classes: int | None, p_uncond: float,
+                        source: str) -> torch.Tensor | None:
+    """The labels a conditional model trains on (null class with probability p_uncond); None when unconditional.
+    Unknown (−1) or out-of-range labels in the shards are an error naming the split."""
+    if num_classes is None:
+        return None
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs labels in [0, "
+                         f"{num_classes - 1}] in {source}; got {sorted(set(labels.tolist()))[:10]} (−1 = no label)")
+    return drop_labels(labels, num_classes, p_uncond)
 
 
 def worker_placements(world: int) -> list[dict[str, str]]:
@@ -89,7 +114,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     per_worker_batch = cfg.batch_size // world
-    sched = NoiseSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps)
+    sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
+    class_names = loop_config.get("class_names")
+    t_sampler = ImportanceSampler(sched.num_timesteps) if cfg.objective == "l_vlb" else None
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -114,6 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        if t_sampler is not None and "t_sampler" in state:
+            t_sampler.load_state_dict(state["t_sampler"])
 
     placements = worker_placements(world)  # a collective: every rank takes part
     client = MlflowClient(tracking_uri) if rank == 0 else None
@@ -130,7 +159,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def evaluate_and_log(tag_step: int) -> dict[str, float]:
         """ELBO on held-out images and sample grids, with the EMA weights; artifacts go straight to MLflow."""
         metrics: dict[str, float] = {}
-        ema_model = DiffusionModel(ema.averaged, cfg.schedule.name, cfg.schedule.num_timesteps)
+        ema_model = DiffusionModel(ema.averaged, cfg.schedule.name, cfg.schedule.num_timesteps,
+                                   prediction=cfg.model.prediction, zero_terminal_snr=cfg.schedule.zero_terminal_snr,
+                                   class_names=class_names)
         with tempfile.TemporaryDirectory() as directory:
             out_dir = Path(directory)
             if val_images is not None and val_images.shape[0] > 0:
@@ -151,42 +182,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "train_config": cfg.model_dump(mode="json"),
-                "unet_config": unet_config.to_dict(),
+                "unet_config": unet_config.to_dict(), "class_names": class_names,
+                **({"t_sampler": t_sampler.state_dict()} if t_sampler is not None else {}),
             })
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     epoch_images = batches_per_epoch(cfg, loop_config["train_dir"], rank, world, per_worker_batch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    loss_sum, grad_sum, interval_steps, interval_start = 0.0, 0.0, 0, time.perf_counter()
+    sums, interval_steps, interval_start = {}, 0, time.perf_counter()
     model.train()
     while step < cfg.steps:
         batches = itertools.islice(epoch_images(epoch), batch_in_epoch, None)
         consumed_any = False
-        for images in batches:
+        for images, labels in batches:
             consumed_any = True
             torch.manual_seed(step_seed(cfg.seed, rank, step))
             x0 = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = conditioning_labels(labels, unet_config.num_classes, cfg.p_uncond, loop_config["train_dir"])
+            y = None if y is None else y.to(device, non_blocking=True)
+            t, weights = t_sampler.sample(x0.shape[0], device=device) if t_sampler is not None else (None, None)
             with autocast:
-                loss = l_simple(model, sched, x0)
+                terms = training_losses(lambda x_t, t_in: model(x_t, t_in, y) if y is not None else model(x_t, t_in),
+                                        sched, x0, t, weights=weights, objective=cfg.objective,
+                                        prediction=cfg.model.prediction, learn_variance=unet_config.learn_variance,
+                                        loss_weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)
+                loss = terms["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
             optimizer.step()
             lr_schedule.step()
             ema.update(unet)
+            if t_sampler is not None:  # every rank sees every rank's (t, L_t), so their p_t stay equal
+                t_sampler.update(_all_gather(t), _all_gather(terms["vb"].detach().double()).cpu())
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            loss_sum, grad_sum, interval_steps = loss_sum + loss.item(), grad_sum + grad_norm.item(), interval_steps + 1
+            interval_steps += 1
+            step_values = {"loss": loss.item(), "grad_norm": grad_norm.item(),
+                           **{name: terms[name].mean().item() for name in ("mse", "vb") if name in terms}}
+            sums = {name: sums.get(name, 0.0) + value for name, value in step_values.items()}
 
             metrics: dict[str, float] = {}
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - interval_start
-                loss_mean, grad_mean = _all_reduce_mean([loss_sum / interval_steps, grad_sum / interval_steps], device)
-                metrics = {"loss": loss_mean, "grad_norm": grad_mean, "lr": lr_schedule.get_last_lr()[0],
+                means = dict(zip(sums, _all_reduce_mean([v / interval_steps for v in sums.values()], device)))
+                metrics = {**{("loss_vb_bpd" if k == "vb" else k): v for k, v in means.items()},
+                           "lr": lr_schedule.get_last_lr()[0],
                            "images_per_s": interval_steps * cfg.batch_size / elapsed, "epoch": epoch,
                            **memory_metrics(device)}
-                loss_sum, grad_sum, interval_steps, interval_start = 0.0, 0.0, 0, time.perf_counter()
+                sums, interval_steps, interval_start = {}, 0, time.perf_counter()
                 if client is not None:
-                    print(f"[raydiff train] step {step}/{cfg.steps} loss {loss_mean:.4f} "
+                    print(f"[raydiff train] step {step}/{cfg.steps} loss {means['loss']:.4f} "
                           f"{metrics['images_per_s']:.0f} img/s", flush=True)
             if client is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 model.eval()

@@ -54,6 +54,13 @@ def image_spec(train_dir: Path) -> tuple[int, int]:
     return height, channels
 
 
+def split_classes(split_dir: Path) -> list[str] | None:
+    """Class names indexed by label, as the split's ingest manifest records them (None when the source has none)."""
+    from pipelines.ingest.manifest import load_manifest
+
+    return load_manifest(split_dir).get("classes")
+
+
 def _open_run(client: MlflowClient, output_dir: Path, experiment_id: str, run_name: str, parent_run_id: str | None,
               config: TrainConfig, unet_config: UNetConfig) -> str:
     """Reopen the run recorded in output_dir (a resumed training), or create and record a new one."""
@@ -92,7 +99,8 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     image_size, channels = image_spec(Path(train_dir))
-    unet_config = config.model.unet_config(image_size, channels)
+    classes = split_classes(Path(train_dir))
+    unet_config = config.model.unet_config(image_size, channels, classes)
     if config.loader == "ray_data" and datasets is None:
         from pipelines.ingest.reader import ray_image_dataset
 
@@ -109,6 +117,7 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
         train_loop_per_worker,
         train_loop_config={
             "train": config.model_dump(mode="json"), "unet": unet_config.to_dict(), "mlflow_run_id": run_id,
+            "class_names": classes if unet_config.num_classes is not None else None,
             "tracking_uri": tracking_uri, "train_dir": str(Path(train_dir).resolve()),
             "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
         },
@@ -145,8 +154,14 @@ def packaged_model(state: dict, config: TrainConfig, run_id: str) -> DiffusionMo
     unet_config = UNetConfig.from_dict(state["unet_config"])
     ema = EMA(UNet(unet_config))
     ema.load_state_dict(state["ema"])
+    class_names = state.get("class_names")
+    if unet_config.num_classes is not None and (class_names is None or len(class_names) != unet_config.num_classes):
+        class_names = [str(k) for k in range(unet_config.num_classes)]  # a count given without manifest names
     return DiffusionModel(ema.averaged, config.schedule.name, config.schedule.num_timesteps,
-                          metadata={"training_run_id": run_id, "training_steps": int(state["step"])}).eval()
+                          metadata={"training_run_id": run_id, "training_steps": int(state["step"]),
+                                    "objective": config.objective},
+                          prediction=config.model.prediction, zero_terminal_snr=config.schedule.zero_terminal_snr,
+                          class_names=class_names if unet_config.num_classes is not None else None).eval()
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -119,3 +119,49 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_pat
     starts = [v for _, v in metric_history(mlflow_uri, result.run_id, "start_step")]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 20, starts  # continued, not restarted
     assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_conditional_hybrid_v_model_trains_and_packages_what_sampling_and_the_elbo_need(digits_8x8, tmp_path,
+                                                                                       mlflow_uri):
+    """num_classes auto (from the manifest), label dropout, v-prediction, learned variance, L_hybrid: the logged
+    model carries all of it, samples a class with guidance, and its ELBO uses Σ_θ."""
+    train_dir, val_dir = digits_8x8
+    config = TrainConfig.model_validate({
+        **TINY, "steps": 40, "eval_every": 40, "objective": "l_hybrid", "class_dropout": 0.2,
+        "model": {"preset": "tiny", "num_classes": "auto", "prediction": "v", "learn_variance": True}})
+    result = run_training(config, train_dir, val_dir, tmp_path / "out", mlflow_uri, "test-train", "train")
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert run.data.params["train.objective"] == "l_hybrid" and run.data.params["unet.num_classes"] == "10"
+    assert run.data.params["train.model.prediction"] == "v" and run.data.params["unet.learn_variance"] == "True"
+    for key in ("loss", "mse", "loss_vb_bpd", "val_bpd", "val_decoder_bpd"):
+        assert key in run.data.metrics, key
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pytorch.load_model(result.model_uri)
+    assert model.num_classes == 10 and model.class_names == tuple(str(k) for k in range(10))
+    assert model.prediction == "v" and model.learn_variance
+    described = model.describe()
+    assert described["class_names"][3] == "3" and described["objective"] == "l_hybrid"
+    from diffusion.samplers import sample
+
+    y = torch.tensor([3, 7])
+    images = sample(model, model.schedule(), (2, 1, 8, 8), "ddpm", 10, torch.Generator().manual_seed(0), y=y,
+                    guidance_scale=2.0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    x0 = torch.zeros(2, 1, 8, 8)
+    out = model.unet(x0, torch.tensor([5, 5]))
+    assert out.shape == (2, 2, 8, 8)  # the prediction, then the variance values
+    assert model.nll_bpd(x0)["total_bpd"].isfinite().all()
+
+
+def test_l_vlb_importance_sampler_state_is_checkpointed(digits_8x8, tmp_path, mlflow_uri):
+    """Every rank records every rank's (t, L_t): after 30 steps of 2 × 16 images the sampler holds 960 values."""
+    from pipelines.train.checkpoint import load_state
+
+    train_dir, _ = digits_8x8
+    config = TrainConfig.model_validate({**TINY, "steps": 30, "checkpoint_every": 30, "objective": "l_vlb",
+                                         "model": {"preset": "tiny", "learn_variance": True}})
+    result = run_training(config, train_dir, None, tmp_path / "out", mlflow_uri, "test-train", "train")
+    state = load_state(result.checkpoint_path)
+    counts = state["t_sampler"]["counts"]
+    assert counts.shape == (1000,) and int(counts.sum()) == 30 * 32
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).data.params["train.objective"] == "l_vlb"
