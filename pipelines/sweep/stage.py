@@ -16,6 +16,7 @@ the same way (its id is kept in the stage directory).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from pipelines.train.checkpoint import STATE_FILE
 
 RUN_ID_FILE = "mlflow_run_id.txt"  # the stage's run id here, each trial's in its directory (run_training)
 EXPERIMENT_NAME = "sweep"
+STATE_SAVE_S = 2  # seconds between saves of the Tune experiment state
 MLFLOW_STATUS = {FINISHED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
 
 
@@ -169,8 +171,9 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
             param_space={key: domain.to_tune() for key, domain in config.search.items()},
             tune_config=tune.TuneConfig(
                 metric=config.metric.name, mode=config.metric.mode, num_samples=config.num_trials,
-                max_concurrent_trials=config.max_concurrent, scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=config.seed),
+                scheduler=scheduler,
+                # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials beside a given one
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
                 trial_dirname_creator=lambda trial: f"trial-{trial_index(trial.trial_id):03d}"),
             run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
@@ -178,7 +181,15 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
     log(f"[raydiff sweep] {stage}: {status.total} trials, {config.max_concurrent} at a time, "
         f"{config.metric.mode} {config.metric.name}" + (f", ASHA from step {config.scheduler.grace_steps}"
                                                         if config.scheduler else ""))
-    grid = tuner.fit()
+    # Tune saves the experiment state at most every 10 s by default; a driver killed in between would run trials
+    # again that had finished. The state of a sweep is small, so save it every few seconds.
+    saved = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = saved or str(STATE_SAVE_S)
+    try:
+        grid = tuner.fit()
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
     _collect(status, grid, output_dir)
     status.write(output_dir)
     return SweepResult(best=status.best(finished_only=True), status=status, artifacts=[])

@@ -95,7 +95,8 @@ class SweepTrial(tune.Trainable):
                                   ctx["tracking_uri"], ctx["experiment"], run_name=f"{ctx['stage']}/trial-{self.index}",
                                   parent_run_id=ctx["sweep_run_id"], callbacks=[QueueReporter(self.queue)])
             summary = {"model_uri": result.model_uri, "run_id": result.run_id, "final_step": result.final_step,
-                       "checkpoint_path": result.checkpoint_path}
+                       "checkpoint_path": result.checkpoint_path,
+                       "metrics": {k: float(v) for k, v in result.metrics.items()}}
             (self.output_dir / RESULT_FILE).write_text(json.dumps(summary))
             self.queue.put({"kind": "done", "result": summary})
         except BaseException as error:  # noqa: BLE001 — handed to Tune, which records the trial as failed
@@ -113,8 +114,9 @@ class SweepTrial(tune.Trainable):
             elif item["kind"] == "report":
                 self.last = item["metrics"]
                 return dict(self.last)
-            elif item["kind"] == "done":
-                return {**self.last, **item["result"], "done": True}
+            elif item["kind"] == "done":  # the run's last MLflow metrics stand in when it reported nothing here
+                result = dict(item["result"])  # (a restored trial whose training had already finished)
+                return {"step": result["final_step"], **result.pop("metrics"), **self.last, **result, "done": True}
             else:
                 raise TrialFailed(f"trial-{self.index} failed: {item['error']}")
 
