@@ -12,7 +12,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from diffusion.parameterization import Prediction, model_prediction
 from diffusion.process import model_timesteps, q_posterior, q_sample
@@ -60,15 +59,11 @@ def l_simple(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """E_{t, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖²   (eq. 14), t uniform over the schedule. x0: [B, C, H, W] → scalar."""
-    if t is None:
-        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), device=x0.device)
-    if noise is None:
-        noise = torch.randn_like(x0)
-    x_t = q_sample(sched, x0, t, noise)
-    eps = model(x_t, model_timesteps(sched, t))
-    assert eps.shape == x0.shape, f"model output {tuple(eps.shape)} != input {tuple(x0.shape)}"
-    return F.mse_loss(eps.float(), noise.float())
+    """E_{t, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖²   (eq. 14), t uniform over the schedule. x0: [B, C, H, W] → scalar.
+    The paper's name for `diffusion.objectives.training_losses` at its defaults (objective l_simple, ε-prediction)."""
+    from diffusion.objectives import training_losses  # objectives builds on this module's bound terms
+
+    return training_losses(model, sched, x0, t, noise)["loss"].mean()
 
 
 def p_variance(sched: NoiseSchedule, t: torch.Tensor, ndim: int, variance: Variance, dtype=torch.float32) -> torch.Tensor:
