@@ -63,69 +63,6 @@ def check_resources(config: SweepConfig, stage: str, resources: dict[str, float]
                          f"has {have_gpus:g}")
 
 
-class _Progress:
-    """A Ray Tune callback (built lazily, so importing this module does not import Tune) that keeps the status file
-    and prints a line per trial event."""
-
-    @staticmethod
-    def build(status: SweepStatus, sweep_dir: Path, log: Callable[[str], None]):
-        from ray.tune import Callback
-
-        say = progress_printer(status, log)
-
-        class Progress(Callback):
-            def _row(self, trial) -> TrialRow:
-                row = status.trials.get(trial.trial_id)
-                if row is None:
-                    row = status.trials[trial.trial_id] = TrialRow(index=trial_index(trial.trial_id),
-                                                                   trial_id=trial.trial_id, params=dict(trial.config))
-                return row
-
-            def on_trial_start(self, iteration, trials, trial, **info):
-                row = self._row(trial)
-                row.status = RUNNING
-                status.write(sweep_dir)
-                say(row, "started")
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                row = self._row(trial)
-                row.step = int(result.get("step", row.step))
-                if status.metric in result:
-                    row.value = float(result[status.metric])
-                if result.get("model_uri"):
-                    row.status, row.model_uri = FINISHED, result["model_uri"]
-                    row.run_id, row.checkpoint_path = result.get("run_id"), result.get("checkpoint_path")
-                status.write(sweep_dir)
-                if not result.get("done"):
-                    say(row, "reported")
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                row = self._row(trial)
-                if row.status != FINISHED:
-                    row.status = STOPPED
-                status.write(sweep_dir)
-                say(row, "finished" if row.status == FINISHED else "stopped early at")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                row = self._row(trial)
-                row.status = FAILED
-                row.error = _error_line(trial)
-                status.write(sweep_dir)
-                say(row, "failed at")
-
-        return Progress()
-
-
-def _error_line(trial) -> str:
-    """The trial's own exception, one line (Tune keeps the error text in the trial's error file)."""
-    try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
-    except OSError:
-        text = ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return error_line(text) or (lines[-1] if lines else "unknown error")
-
-
 def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output_dir: Path, tracking_uri: str,
               experiment: str, sweep_run_id: str, stage: str = "sweep",
               log: Callable[[str], None] = print) -> SweepResult:
@@ -152,7 +89,10 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
                "tracking_uri": tracking_uri, "experiment": experiment, "sweep_run_id": sweep_run_id, "stage": stage}
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, context=context), {"CPU": TRIAL_ACTOR_CPUS})
     storage, path = output_dir / "tune", output_dir / "tune" / EXPERIMENT_NAME
-    progress = _Progress.build(status, output_dir, log)
+    from pipelines.sweep.progress import LIVE, Progress
+
+    LIVE[str(output_dir)] = (status, progress_printer(status, log))  # a restored experiment's callback finds it too
+    progress = Progress(str(output_dir))
     if tune.Tuner.can_restore(str(path)):
         log(f"[raydiff sweep] {stage}: resuming the Tune experiment in {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
@@ -188,6 +128,7 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
     try:
         grid = tuner.fit()
     finally:
+        LIVE.pop(str(output_dir), None)
         if saved is None:
             os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
     _collect(status, grid, output_dir)
