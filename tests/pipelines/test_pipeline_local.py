@@ -27,7 +27,8 @@ TINY = [
     "train.batch_size=32", "train.warmup_steps=10", "train.checkpoint_every=15", "train.sample_grid=4",
     "train.sample_ddpm_steps=2", "train.sample_ddim_steps=2", "train.eval_batches=1", "train.eval_batch_size=16",
     "evaluate.bpd_batches=1", "evaluate.bpd_batch_size=16", "evaluate.samplers=[ddim-2]",
-    "evaluate.num_fid_samples=16", "evaluate.sample_batch_size=16", "register.model_name=digits-e2e",
+    "evaluate.num_fid_samples=16", "evaluate.sample_batch_size=16", "evaluate.guidance_scales=[1, 3]",
+    "evaluate.guidance_sampler=ddim-2", "register.model_name=digits-e2e",
     "deploy.name=raydiff-e2e",
 ]
 
@@ -53,8 +54,10 @@ def test_local_pipeline_end_to_end_cached_then_train_change(ray_session, tmp_pat
         assert all(r.data.tags["raydiff.cache_hit"] == "false" for r in runs.values())
         train = runs["train"]  # the train stage's own run, nested under the pipeline run
         assert train.info.run_id == first.records["train"].run_id and train.data.params["train.steps"] == "30"
+        assert train.data.params["unet.num_classes"] == "10"  # the default is conditional on the digit label
         evaluate = runs["evaluate"]
         assert evaluate.data.metrics["test_bpd"] > 0 and evaluate.data.params["samplers"] == '["ddim-2"]'
+        assert {"class_accuracy_s1", "class_accuracy_s3", "fid_guided_s3"} <= set(evaluate.data.metrics)
         assert "samples_ddim-2.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
         assert Path(first.records["evaluate"].values["samples"][0]).is_file()
         assert str(client.get_model_version_by_alias("digits-e2e", "champion").version) == "1"
@@ -65,6 +68,12 @@ def test_local_pipeline_end_to_end_cached_then_train_change(ray_session, tmp_pat
         reply = requests.post(url.rstrip("/") + "/v1/samples", json={"num_images": 2, "steps": 2, "seed": 0},
                               timeout=120)
         assert reply.status_code == 200 and len(reply.json()["images"]) == 2, reply.text
+        models = requests.get(url.rstrip("/") + "/v1/models", timeout=30).json()[0]
+        assert models["class_names"] == [str(k) for k in range(10)], models
+        reply = requests.post(url.rstrip("/") + "/v1/samples", json={"num_images": 2, "steps": 2, "seed": 0,
+                                                                    "class_labels": [7], "guidance_scale": 3},
+                              timeout=120)
+        assert reply.status_code == 200 and reply.json()["class_labels"] == [7, 7], reply.text
 
         again = run_pipeline(load_spec(ROOT / "configs" / "local.yaml", sets), log=print)
         assert again.status == dict.fromkeys(STAGES, "cached")
