@@ -139,7 +139,10 @@ def run_training(config: TrainConfig, train_dir: Path, val_dir: Path | None, out
         model = packaged_model(state, config, run_id)
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+            described = model.describe()  # classes, prediction type, schedule: readable without loading the model
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", metadata={
+                key: described[key] for key in ("num_classes", "class_names", "prediction", "learn_variance",
+                                                "schedule", "num_timesteps", "zero_terminal_snr", "objective")})
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -139,6 +139,9 @@ def test_conditional_hybrid_v_model_trains_and_packages_what_sampling_and_the_el
     model = mlflow.pytorch.load_model(result.model_uri)
     assert model.num_classes == 10 and model.class_names == tuple(str(k) for k in range(10))
     assert model.prediction == "v" and model.learn_variance
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert info.metadata["class_names"][7] == "7" and info.metadata["num_classes"] == 10
+    assert info.metadata["prediction"] == "v" and info.metadata["objective"] == "l_hybrid"
     described = model.describe()
     assert described["class_names"][3] == "3" and described["objective"] == "l_hybrid"
     from diffusion.samplers import sample
