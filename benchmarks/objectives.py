@@ -2,9 +2,13 @@
 evaluate) of configs/local.yaml with only the objective options changed, same steps, batch and seed.
 
     python -m benchmarks.objectives [--rows NAME ...] [--steps N] [--out benchmarks/results/objectives.json]
+    python -m benchmarks.objectives --throughput-only     # only the interleaved per-step cost of each option set
 
 Per row: held-out bits/dim with its L_T / Σ L_{t−1} / L_0 split (the test split's first 2 × 64 images), the decoder term
-L_0 alone, FID and KID (with its standard error) of DDPM-100 and DDIM-50 against the test images, and training img/s.
+L_0 alone, FID and KID (with its standard error) of DDPM-100 and DDIM-50 against the test images, and training img/s:
+as the training run logged it, and the cost of one optimizer step of each option set measured in this process,
+interleaved round by round (one thread, the small U-Net, batch 32 = one worker's share), so a noisy machine
+penalises every row alike.
 The first row is today's default and the baseline of every ratio. Targets (issue "Training objectives"): l_hybrid
 with a learned variance ≥ 0.6 bits/dim below the baseline's held-out ELBO with FID within 10%. The default row also
 runs the evaluate stage's guidance sweep when the default model is class-conditional. Ingest is shared (cached).
@@ -13,6 +17,7 @@ runs the evaluate stage's guidance sweep when the default model is class-conditi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -44,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-fid-samples", type=int, default=500)
     parser.add_argument("--work-dir", default=None, help="storage and MLflow store (default: a temporary directory)")
     parser.add_argument("--out", default=str(HERE / "results" / "objectives.json"))
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="measure the per-step cost of the rows and add it to an existing --out file")
     return parser.parse_args(argv)
 
 
@@ -89,17 +96,66 @@ def run_row(name: str, row: list[str], work_dir: Path, args: argparse.Namespace,
     return values
 
 
+def step_rates(names: list[str], steps: int = 10, rounds: int = 5) -> dict[str, float]:
+    """Images per second of one training step (forward, loss, backward, Adam) per option set, interleaved."""
+    import torch
+
+    from diffusion.objectives import ImportanceSampler, training_losses
+    from diffusion.packaged import build_schedule
+    from diffusion.unet import UNet
+    from pipelines.spec import parse_yaml
+    from pipelines.train.config import TrainConfig
+    from benchmarks.report import interleaved, throughput
+
+    torch.set_num_threads(1)
+    base = parse_yaml(CONFIG.read_text(), str(CONFIG))["stages"]["train"]
+    fns = {}
+    for name in names:
+        train = copy.deepcopy({k: v for k, v in base.items() if k not in ("needs", "retries", "steps")})
+        for item in ROWS[name]:
+            key, _, value = item.partition("=")
+            target = train
+            *parents, leaf = key.split(".")[1:]
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = parse_yaml(value)
+        cfg = TrainConfig.model_validate(train)
+        unet_config = cfg.model.unet_config(8, 1, [str(k) for k in range(10)])
+        torch.manual_seed(0)
+        unet = UNet(unet_config)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
+        sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
+        t_sampler = ImportanceSampler(sched.num_timesteps) if cfg.objective == "l_vlb" else None
+        x0, y = torch.rand(32, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (32,))
+
+        def step(unet=unet, optimizer=optimizer, sched=sched, cfg=cfg, t_sampler=t_sampler, x0=x0, y=y):
+            t, w = t_sampler.sample(32) if t_sampler is not None else (None, None)
+            terms = training_losses(lambda x, t_in: unet(x, t_in, y), sched, x0, t, weights=w,
+                                    objective=cfg.objective, prediction=cfg.model.prediction,
+                                    learn_variance=cfg.model.learn_variance, loss_weighting=cfg.loss_weighting)
+            optimizer.zero_grad()
+            terms["loss"].mean().backward()
+            optimizer.step()
+            if t_sampler is not None:
+                t_sampler.update(t, terms["vb"].detach())
+
+        fns[name] = lambda step=step: throughput(step, 32, steps)
+    return interleaved(fns, rounds)
+
+
 def markdown_table(rows: list[dict]) -> str:
     base = rows[0]
     lines = ["| option set | held-out bits/dim (Δ vs first) | L_T | Σ L_{t−1} | L_0 | FID DDPM-100 | KID DDPM-100 "
-             "| FID DDIM-50 | KID DDIM-50 | train img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| FID DDIM-50 | KID DDIM-50 | train img/s (run) | step cost vs first |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = r["test_bpd"] - base["test_bpd"]
         lines.append(
             f"| {r['row']} | {r['test_bpd']:.3f} ± {r['test_bpd_stderr']:.3f} ({delta:+.3f}) | {r['test_prior_bpd']:.1e} "
             f"| {r['test_vb_bpd']:.3f} | {r['test_decoder_bpd']:.3f} | "
             + " | ".join(f"{r[f'fid_{s}']:.1f} | {r[f'kid_{s}']:.4f} ± {r[f'kid_{s}_stderr']:.4f}" for s in SAMPLERS)
-            + f" | {r['train_images_per_s']:.0f} |")
+            + f" | {r['train_images_per_s']:.0f} | "
+            + (f"{base['step_images_per_s'] / r['step_images_per_s']:.2f}× |" if r.get("step_images_per_s") else "- |"))
     return "\n".join(lines)
 
 
@@ -121,10 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_objectives_")).resolve()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.throughput_only:
+        saved = json.loads(out.read_text())
+        rates = step_rates([r["row"] for r in saved["rows"]])
+        for r in saved["rows"]:
+            r["step_images_per_s"] = rates[r["row"]]
+        saved["table"] = markdown_table(saved["rows"])
+        out.write_text(json.dumps(saved, indent=2))
+        print(saved["table"])
+        return 0
     rows = []
     for k, name in enumerate(args.rows):
         print(f"== {name}: {' '.join(ROWS[name]) or '(the default)'}", flush=True)
         rows.append(run_row(name, ROWS[name], work_dir, args, guidance=k == 0))
+        if k == len(args.rows) - 1:
+            rates = step_rates(args.rows)
+            for r in rows:
+                r["step_images_per_s"] = rates[r["row"]]
         table = markdown_table(rows)  # written after every row: a long run keeps what it measured
         out.write_text(json.dumps({"machine": machine(), "rows": rows, "table": table,
                                    "targets": target_lines(rows)}, indent=2))
