@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.evaluate.sampling import parse_sampler
 from pipelines.strict import StrictConfig
+
+
+DEFAULT_GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0)
+DEFAULT_GUIDANCE_SAMPLER = "ddim-50"
 
 
 class EvaluateConfig(StrictConfig):
@@ -19,6 +24,16 @@ class EvaluateConfig(StrictConfig):
                          "inception": pytorch-fid's Inception-v3 from the local state-dict file inception_weights
     feature_cache_dir    where the digits feature net is cached; None means ~/.cache/raydiff
     sample_batch_size    images per sampler call and per feature-network call
+    guidance_scales      class-conditional models: classifier-free guidance scales s to sweep (ε̂ = ε_∅ + s·(ε_y − ε_∅),
+                         s = 1 plain conditional, s = 0 the model's unconditional branch), num_fid_samples balanced
+                         over the classes at each, scored by FID, KID and the class accuracy of the digits classifier;
+                         [] turns the sweep off
+    guidance_sampler     the "<sampler>-<steps>" the sweep samples with
+
+    Every FID/KID is against the test images; the floor is real TRAIN images the feature net never saw (the digits
+    net's hold-out) against the same test images. On an unconditional model the sweep is skipped at the defaults;
+    guidance settings other than the defaults there are an error (they cannot be honoured), unless guidance_scales
+    is [].
     """
 
     bpd_batches: int = Field(4, ge=1)
@@ -31,6 +46,8 @@ class EvaluateConfig(StrictConfig):
     feature_cache_dir: str | None = None
     seed: int = 0
     sample_batch_size: int = Field(250, ge=1)
+    guidance_scales: list[float] = Field(default_factory=lambda: list(DEFAULT_GUIDANCE_SCALES))
+    guidance_sampler: str = DEFAULT_GUIDANCE_SAMPLER
 
     @field_validator("samplers")
     @classmethod
@@ -41,6 +58,29 @@ class EvaluateConfig(StrictConfig):
         if duplicates:
             raise ValueError(f"samplers lists {duplicates} more than once")
         return samplers
+
+    @field_validator("guidance_sampler")
+    @classmethod
+    def _guidance_sampler_parses(cls, text: str) -> str:
+        parse_sampler(text)
+        return text
+
+    @field_validator("guidance_scales")
+    @classmethod
+    def _guidance_scales_valid(cls, scales: list[float]) -> list[float]:
+        bad = [s for s in scales if not math.isfinite(s) or s < 0]
+        if bad:
+            raise ValueError(f"guidance_scales must be finite and >= 0, got {bad}")
+        duplicates = sorted({s for s in scales if scales.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"guidance_scales lists {duplicates} more than once")
+        return scales
+
+    @property
+    def guidance_is_default(self) -> bool:
+        """True when neither guidance setting differs from its default."""
+        return (tuple(self.guidance_scales) == DEFAULT_GUIDANCE_SCALES
+                and self.guidance_sampler == DEFAULT_GUIDANCE_SAMPLER)
 
     @model_validator(mode="after")
     def _inception_needs_weights(self) -> "EvaluateConfig":

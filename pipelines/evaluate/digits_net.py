@@ -1,8 +1,11 @@
 """A small CNN digit classifier whose penultimate layer gives the features for the embedded default's FID.
 
 Inception-v3 features mean little on 16×16 grayscale digits, so (as for MNIST FIDs in the literature) the feature
-network is a classifier trained on the TRAIN split itself. Training takes a few seconds on a CPU, is deterministic
-given the seed, and is cached in a file keyed by a hash of the data, the seed and the recipe.
+network is a classifier trained on the TRAIN split itself, less a seeded hold-out (`holdout_fraction`) it never
+sees: the hold-out gives its validation accuracy and the real images of the FID floor (real data the feature net
+has seen sits closer to its training features than unseen real data, so it is no fair reference). The same net
+labels conditional samples for the class accuracy. Training takes a few seconds on a CPU, is deterministic given
+the seed, and is cached in a file keyed by a hash of the data, the seed and the recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INPUT_SIZE = 16  # every input is resized (bilinear) to 16×16 first, as Inception resizes to 299×299
-RECIPE_VERSION = 1  # bump when the architecture or training loop changes: old cache files are then ignored
+RECIPE_VERSION = 2  # bump when the architecture or training loop changes: old cache files are then ignored
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class DigitsNetRecipe:
     epochs: int = 15
     batch_size: int = 64
     lr: float = 2e-3
-    val_fraction: float = 0.1  # held out of TRAIN to report an accuracy
+    holdout_fraction: float = 0.3  # of TRAIN, never trained on: validation accuracy and the FID floor's real images
 
 
 class DigitsFeatureNet(nn.Module):
@@ -61,26 +64,47 @@ class DigitsFeatureNet(nn.Module):
 @dataclass(frozen=True)
 class TrainedDigitsNet:
     net: DigitsFeatureNet  # in eval mode
-    val_accuracy: float
+    val_accuracy: float  # on the hold-out
+    holdout: torch.Tensor  # int64 indices of the images it never trained on, sorted
     cache_path: Path | None
+
+
+def holdout_split(num_images: int, seed: int, recipe: DigitsNetRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hold-out indices, training indices) of num_images, both sorted int64: a seeded permutation's first
+    round(holdout_fraction · num_images) (at least 1) are held out. The caller's random state is untouched."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    num_holdout = max(1, int(round(recipe.holdout_fraction * num_images)))
+    return order[:num_holdout].sort().values, order[num_holdout:].sort().values
 
 
 def train_digits_net(
     images: torch.Tensor, labels: torch.Tensor, seed: int, recipe: DigitsNetRecipe = DigitsNetRecipe()
 ) -> tuple[DigitsFeatureNet, float]:
-    """Train on images [N, C, H, W] in [−1, 1] and labels [N] int64; returns (net in eval mode, validation accuracy).
+    """Train on images [N, C, H, W] in [−1, 1] and labels [N] int64 less the hold-out of `holdout_split`; returns
+    (net in eval mode, accuracy on the hold-out).
 
-    Deterministic for a given seed: the global RNG is forked, so the caller's random state is untouched.
+    Deterministic for a given seed: the global RNG is forked, so the caller's random state is untouched, and the
+    net trains on one CPU thread (the caller's thread count is restored), so the result does not depend on the
+    machine's core count; a net this small gains little from more threads and loses much when the cores are busy.
     """
     _check_data(images, labels, recipe)
+    val_idx, train_idx = holdout_split(images.shape[0], seed, recipe)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        net = _train(images[train_idx].float(), labels[train_idx].long(), seed, recipe)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        predictions = net(images[val_idx].float()).argmax(dim=1)
+    return net, float((predictions == labels[val_idx]).float().mean())
+
+
+def _train(x_train: torch.Tensor, y_train: torch.Tensor, seed: int, recipe: DigitsNetRecipe) -> DigitsFeatureNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        order = torch.randperm(images.shape[0])
-        num_val = max(1, int(round(recipe.val_fraction * images.shape[0])))
-        val_idx, train_idx = order[:num_val], order[num_val:]
         net = DigitsFeatureNet(recipe)
         optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
-        x_train, y_train = images[train_idx].float(), labels[train_idx].long()
         net.train()
         for _ in range(recipe.epochs):
             perm = torch.randperm(x_train.shape[0])
@@ -90,10 +114,7 @@ def train_digits_net(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    net.eval()
-    with torch.no_grad():
-        predictions = net(images[val_idx].float()).argmax(dim=1)
-    return net, float((predictions == labels[val_idx]).float().mean())
+    return net.eval()
 
 
 def cache_key(images: torch.Tensor, labels: torch.Tensor, seed: int, recipe: DigitsNetRecipe) -> str:
@@ -112,12 +133,16 @@ def load_or_train_digits_net(
 ) -> TrainedDigitsNet:
     """The net for this data and seed from `cache_dir/digits-featnet-<key>.pt`, trained and saved there if absent.
 
+    The default recipe takes its channels from the images and its classes from the labels (max + 1).
     cache_dir None means no cache (train every time). The file is written atomically (temp file + rename).
     """
-    recipe = recipe or DigitsNetRecipe(in_channels=images.shape[1])
+    if recipe is None:
+        num_classes = int(labels.max()) + 1 if labels.numel() else DigitsNetRecipe.num_classes
+        recipe = DigitsNetRecipe(in_channels=images.shape[1], num_classes=num_classes)
+    holdout = holdout_split(images.shape[0], seed, recipe)[0]
     if cache_dir is None:
         net, accuracy = train_digits_net(images, labels, seed, recipe)
-        return TrainedDigitsNet(net, accuracy, None)
+        return TrainedDigitsNet(net, accuracy, holdout, None)
     path = Path(cache_dir) / f"digits-featnet-{cache_key(images, labels, seed, recipe)[:24]}.pt"
     if path.exists():
         try:
@@ -126,13 +151,17 @@ def load_or_train_digits_net(
             net.load_state_dict(saved["state_dict"])
         except Exception as exc:
             raise RuntimeError(f"cached digits feature net {path} is unreadable ({exc}); delete it to retrain") from exc
-        return TrainedDigitsNet(net.eval(), float(saved["val_accuracy"]), path)
+        if not isinstance(saved.get("holdout"), torch.Tensor) or not torch.equal(saved["holdout"], holdout):
+            raise RuntimeError(f"cached digits feature net {path} was trained with another hold-out than this torch "
+                               "version's seeded split; delete it to retrain")
+        return TrainedDigitsNet(net.eval(), float(saved["val_accuracy"]), holdout, path)
     net, accuracy = train_digits_net(images, labels, seed, recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": net.state_dict(), "val_accuracy": accuracy, "recipe": asdict(recipe), "seed": seed}, tmp)
+    torch.save({"state_dict": net.state_dict(), "val_accuracy": accuracy, "holdout": holdout,
+                "recipe": asdict(recipe), "seed": seed}, tmp)
     os.replace(tmp, path)
-    return TrainedDigitsNet(net, accuracy, path)
+    return TrainedDigitsNet(net, accuracy, holdout, path)
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor, recipe: DigitsNetRecipe) -> None:

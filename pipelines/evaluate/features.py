@@ -1,4 +1,5 @@
-"""The feature network for FID, chosen by the config, and images → feature matrices."""
+"""The feature network for FID and KID, chosen by the config, and images → feature matrices; the digits classifier
+that labels conditional samples."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.digits_net import load_or_train_digits_net
+from pipelines.evaluate.digits_net import TrainedDigitsNet, load_or_train_digits_net
 from pipelines.evaluate.inception import load_fid_inception
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "raydiff"
@@ -26,6 +27,7 @@ class FeatureExtractor:
     batch_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     metrics: dict[str, float] = field(default_factory=dict)  # facts about the net worth logging
+    unseen: torch.Tensor | None = None  # indices of the TRAIN images the net never trained on; None: all of them
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
@@ -34,15 +36,22 @@ class FeatureExtractor:
         return torch.cat(out).numpy()
 
 
+def load_digits_net(config: EvaluateConfig, train_images: torch.Tensor, train_labels: torch.Tensor) -> TrainedDigitsNet:
+    """The digits classifier on TRAIN less its hold-out, cached in config.feature_cache_dir (trained if absent)."""
+    cache_dir = Path(config.feature_cache_dir).expanduser() if config.feature_cache_dir else DEFAULT_CACHE_DIR
+    return load_or_train_digits_net(train_images.cpu(), train_labels.cpu(), DIGITS_NET_SEED, cache_dir)
+
+
 def build_feature_extractor(
-    config: EvaluateConfig, train_images: torch.Tensor, train_labels: torch.Tensor, device: torch.device | str = "cpu"
+    config: EvaluateConfig, train_images: torch.Tensor, train_labels: torch.Tensor, device: torch.device | str = "cpu",
+    digits_net: TrainedDigitsNet | None = None,
 ) -> FeatureExtractor:
-    """"inception": load the local weights file; "digits": the cached (or freshly trained) classifier on TRAIN."""
+    """"inception": load the local weights file; "digits": the cached (or freshly trained) classifier on TRAIN less
+    its hold-out (`digits_net` when given, else loaded)."""
     device = torch.device(device)
     if config.fid_feature_net == "inception":
         net = load_fid_inception(config.inception_weights)  # the config guarantees a path
         return FeatureExtractor("inception", net.to(device), config.sample_batch_size, device)
-    cache_dir = Path(config.feature_cache_dir).expanduser() if config.feature_cache_dir else DEFAULT_CACHE_DIR
-    trained = load_or_train_digits_net(train_images.cpu(), train_labels.cpu(), DIGITS_NET_SEED, cache_dir)
+    trained = digits_net or load_digits_net(config, train_images, train_labels)
     return FeatureExtractor("digits", trained.net.to(device), config.sample_batch_size, device,
-                            {"fid_net_val_accuracy": trained.val_accuracy})
+                            {"fid_net_val_accuracy": trained.val_accuracy}, unseen=trained.holdout)

@@ -1,5 +1,6 @@
 """Sampler strings ("ddpm-1000", "ddim-50", "ode-heun-18") and timed, seeded generation of samples from a
-DiffusionModel with any sampler of `diffusion.samplers.SAMPLERS` (at its default options: DDIM η = 0)."""
+DiffusionModel with any sampler of `diffusion.samplers.SAMPLERS` (at its default options: DDIM η = 0), of given
+classes with classifier-free guidance when the model is class-conditional."""
 
 from __future__ import annotations
 
@@ -56,6 +57,14 @@ class GeneratedSamples:
         return self.images.shape[0] / self.seconds
 
 
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """[num_samples] int64 cycling 0, 1, …, K−1: every class gets ⌊N/K⌋ or ⌈N/K⌉ samples, the lower classes the
+    extra ones."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return torch.arange(num_samples, dtype=torch.long) % num_classes
+
+
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,
@@ -64,13 +73,20 @@ def generate_samples(
     batch_size: int,
     seed: int,
     progress: Callable[[int], None] | None = None,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> GeneratedSamples:
-    """Draw `num_samples` images in batches from one torch.Generator seeded with `seed` (same x_T for every sampler).
+    """Draw `num_samples` images in batches from one torch.Generator seeded with `seed` (same x_T for every sampler
+    and every guidance scale).
 
+    labels [num_samples] int64 (class-conditional models only; None = the null class) with classifier-free guidance
+    scale `guidance_scale` (see diffusion.guidance; the model checks the labels' range).
     One untimed model call comes first, so one-off initialisation is not billed to the sampler.
     `model` is a DiffusionModel (needs `.schedule()`, `.image_shape`); `progress(k)` is called after every model call.
     Returns images [num_samples, C, H, W] on the CPU, clamped to [−1, 1], and the wall time spent sampling.
     """
+    if labels is not None and (labels.shape != (num_samples,) or labels.dtype != torch.long):
+        raise ValueError(f"labels must be int64 [{num_samples}], got {labels.dtype} {tuple(labels.shape)}")
     sched = model.schedule()
     check_steps(spec, sched.num_timesteps)
     device = next(model.parameters()).device
@@ -83,7 +99,9 @@ def generate_samples(
     start = time.perf_counter()
     for first in range(0, num_samples, batch_size):
         shape = (min(batch_size, num_samples - first), *model.image_shape)
-        x = sample(model, sched, shape, spec.kind, spec.steps, generator=generator, progress=step_callback)
+        y = None if labels is None else labels[first:first + shape[0]].to(device)
+        x = sample(model, sched, shape, spec.kind, spec.steps, generator=generator, progress=step_callback, y=y,
+                   guidance_scale=guidance_scale)
         batches.append(x.clamp(-1.0, 1.0).cpu())  # .cpu() waits for the device, so the timing is complete
     seconds = time.perf_counter() - start
     return GeneratedSamples(images=torch.cat(batches), seconds=seconds)

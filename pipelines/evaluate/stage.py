@@ -1,5 +1,8 @@
 """The evaluate stage: bits/dim on held-out images, then for every sampler M seeded samples, their wall time and
-their FID against the held-out images, written as a table, plots and sample grids.
+their FID and KID against the test images, written as a table, plots and sample grids; for a class-conditional
+model also a classifier-free guidance sweep (M samples balanced over the classes per guidance scale: FID, KID and
+class accuracy, a table, a plot and a grid with a row per class). The floor every FID/KID is read against is real
+TRAIN images the feature network never saw (the digits net's hold-out) against the same test images.
 
 `run_evaluate` returns metrics and artifact paths and touches neither MLflow nor Ray; `KIND`, the pipeline stage,
 loads the trained model from MLflow and the splits from the ingest stage, and logs what run_evaluate returns.
@@ -16,16 +19,19 @@ from tqdm import tqdm
 
 from pipelines.evaluate.bpd import evaluate_bpd, plot_vb_per_t, select_images, write_vb_per_t_csv
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.features import build_feature_extractor
+from pipelines.evaluate.features import build_feature_extractor, load_digits_net
 from pipelines.evaluate.frechet import fid_from_features
+from pipelines.evaluate.grid import save_class_grid, save_grid
+from pipelines.evaluate.guidance import (Reference, class_accuracy, plot_guidance, predict_labels, scale_tag,
+                                         write_guidance_csv, write_guidance_markdown)
 from pipelines.evaluate.kid import kid_from_features, unit_rms
-from pipelines.evaluate.grid import save_grid
-from pipelines.evaluate.sampling import check_steps, generate_samples, parse_sampler
+from pipelines.evaluate.sampling import SamplerRun, balanced_labels, check_steps, generate_samples, parse_sampler
 from pipelines.evaluate.table import plot_fid_vs_model_calls, write_table_csv, write_table_markdown
 from pipelines.stage import StageContext, StageKind, StageResult
 from pipelines.tracking import use_tracking_uri
 
 GRID_IMAGES = 64
+GRID_PER_CLASS = 10  # columns of the per-class grids
 
 
 @dataclass
@@ -33,6 +39,7 @@ class EvaluateResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)  # all inside output_dir
     table: list[dict] = field(default_factory=list)  # one row per sampler, see pipelines.evaluate.table
+    guidance: list[dict] = field(default_factory=list)  # one row per guidance scale, see pipelines.evaluate.guidance
 
 
 def run_evaluate(
@@ -47,19 +54,29 @@ def run_evaluate(
     """Evaluate a DiffusionModel (pass the EMA weights) on its device; the model is left in eval mode.
 
     test_images [N, C, H, W] and train_images [M, C, H, W] in [−1, 1] with (C, H, W) = model.image_shape,
-    train_labels [M] int64 (for the digits feature net). Writes into output_dir:
-    bpd_per_t.{csv,png}, sampler_table.{csv,md}, fid_vs_model_calls.png, samples_<sampler>.png.
-    Metrics: test_bpd, test_{prior,vb,decoder}_bpd, test_bpd_stderr, test_bpd_num_images, fid_train_vs_test,
-    kid_train_vs_test, and per sampler fid_<s>, kid_<s>, samples_per_s_<s>, sample_seconds_<s> (plus fid_net_val_accuracy for "digits").
+    train_labels [M] int64 (for the digits feature net and classifier; a conditional model with K classes needs
+    labels spanning exactly 0..K−1). Writes into output_dir: bpd_per_t.{csv,png}, sampler_table.{csv,md},
+    fid_vs_model_calls.png, samples_<sampler>.png, and for the guidance sweep guidance_table.{csv,md}, guidance.png,
+    samples_guided_s<s>.png (a row per class).
+    Metrics: test_bpd, test_{prior,vb,decoder}_bpd, test_bpd_stderr, test_bpd_num_images; the floor
+    fid_heldout_vs_test, kid_heldout_vs_test, kid_heldout_vs_test_stderr; the sample counts fid_num_samples,
+    fid_num_test_images, fid_num_heldout_images; per sampler fid_<s>, kid_<s>, kid_<s>_stderr, samples_per_s_<s>,
+    sample_seconds_<s>; fid_net_val_accuracy for "digits"; per guidance scale (tag s2, s2.5, …) fid_guided_<tag>,
+    kid_guided_<tag>, kid_guided_<tag>_stderr, class_accuracy_<tag>, samples_per_s_guided_<tag>,
+    sample_seconds_guided_<tag>, then class_accuracy_best, guidance_scale_best (the most accurate s, the smallest on a
+    tie) and classifier_val_accuracy.
     """
     specs = [parse_sampler(s) for s in config.samplers]
     _check_inputs(model, test_images, train_images, train_labels)
     for spec in specs:
         check_steps(spec, model.num_timesteps)
+    guide_spec = _guidance_plan(config, model, train_labels)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    extract = build_feature_extractor(config, train_images, train_labels, device)
+    needs_digits = config.fid_feature_net == "digits" or guide_spec is not None
+    digits = load_digits_net(config, train_images, train_labels) if needs_digits else None
+    extract = build_feature_extractor(config, train_images, train_labels, device, digits)
     result = EvaluateResult(metrics=dict(extract.metrics))
     model.eval()
 
@@ -74,13 +91,18 @@ def run_evaluate(
                          plot_vb_per_t(bpd, output_dir / "bpd_per_t.png")]
 
     test_features = extract(test_images)
-    reference = select_images(train_images, config.num_fid_samples, config.seed)
+    unseen = train_images if extract.unseen is None else train_images[extract.unseen]
+    reference = select_images(unseen, config.num_fid_samples, config.seed)
     reference_features = extract(reference)
-    reference_fid = fid_from_features(reference_features, test_features)
-    result.metrics["fid_train_vs_test"] = reference_fid
     feature_scale = unit_rms(test_features)  # one fixed feature scale for every KID against the test set
-    result.metrics["kid_train_vs_test"] = kid_from_features(reference_features, test_features, seed=config.seed,
-                                                            scale=feature_scale).mean
+    reference_kid = kid_from_features(reference_features, test_features, seed=config.seed, scale=feature_scale)
+    floor = Reference("floor: real images the feature net never saw", fid_from_features(reference_features,
+                      test_features), reference_kid.mean, reference_kid.stderr, reference.shape[0])
+    result.metrics.update({"fid_heldout_vs_test": floor.fid, "kid_heldout_vs_test": floor.kid,
+                           "kid_heldout_vs_test_stderr": floor.kid_stderr, "fid_num_samples": config.num_fid_samples,
+                           "fid_num_test_images": test_images.shape[0], "fid_num_heldout_images": floor.num_images})
+    print(f"[raydiff evaluate] floor: {floor.num_images} held-out real images vs {test_images.shape[0]} test images: "
+          f"FID {floor.fid:.2f}, KID {floor.kid:.4f} ± {floor.kid_stderr:.4f}", flush=True)
 
     scale = max(1, 64 // model.image_shape[-1])
     for spec in specs:
@@ -92,23 +114,100 @@ def run_evaluate(
         fid = fid_from_features(sample_features, test_features)
         kid = kid_from_features(sample_features, test_features, seed=config.seed, scale=feature_scale)
         result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
-                             "model_calls": spec.model_calls,
-                             "num_samples": config.num_fid_samples, "seconds": samples.seconds,
+                             "model_calls": spec.model_calls, "num_samples": config.num_fid_samples,
+                             "num_ref_images": test_images.shape[0], "seconds": samples.seconds,
                              "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid.mean,
-                             "kid_std": kid.std, "feature_net": extract.name})
-        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (train vs test {reference_fid:.2f}), KID "
-              f"{kid.mean:.4f} ± {kid.std:.4f}, "
-              f"{samples.samples_per_s:.1f} samples/s", flush=True)
+                             "kid_stderr": kid.stderr, "feature_net": extract.name})
+        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (floor {floor.fid:.2f}), KID "
+              f"{kid.mean:.4f} ± {kid.stderr:.4f}, {samples.samples_per_s:.1f} samples/s", flush=True)
         result.metrics.update({f"fid_{spec.name}": fid, f"kid_{spec.name}": kid.mean,
+                               f"kid_{spec.name}_stderr": kid.stderr,
                                f"samples_per_s_{spec.name}": samples.samples_per_s,
                                f"sample_seconds_{spec.name}": samples.seconds})
         result.artifacts.append(save_grid(samples.images[:GRID_IMAGES], output_dir / f"samples_{spec.name}.png",
                                           nrow=8, scale=scale))
 
     result.artifacts += [write_table_csv(result.table, output_dir / "sampler_table.csv"),
-                         write_table_markdown(result.table, output_dir / "sampler_table.md", reference_fid),
-                         plot_fid_vs_model_calls(result.table, output_dir / "fid_vs_model_calls.png", reference_fid)]
+                         write_table_markdown(result.table, output_dir / "sampler_table.md", floor.fid,
+                                              floor.num_images),
+                         plot_fid_vs_model_calls(result.table, output_dir / "fid_vs_model_calls.png", floor.fid)]
+    if guide_spec is None:
+        if model_num_classes(model) is None:
+            print("[raydiff evaluate] unconditional model: no guidance sweep", flush=True)
+        return result
+
+    references = [floor]
+    unconditional = next((row for row in result.table if row["sampler"] == guide_spec.name), None)
+    if unconditional is not None:
+        references.append(Reference(f"unconditional (null class), {guide_spec.name}", unconditional["fid"],
+                                    unconditional["kid"], unconditional["kid_stderr"], unconditional["num_samples"]))
+    num_classes = model_num_classes(model)
+    names = list(getattr(model, "class_names", None) or [str(k) for k in range(num_classes)])
+    labels = balanced_labels(config.num_fid_samples, num_classes)
+    for guidance_scale in config.guidance_scales:
+        tag = scale_tag(guidance_scale)
+        calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * guide_spec.model_calls
+        with tqdm(total=calls, desc=f"{guide_spec.name} {tag}", disable=not progress) as bar:
+            samples = generate_samples(model, guide_spec, config.num_fid_samples, config.sample_batch_size,
+                                       config.seed, bar.update, labels=labels, guidance_scale=guidance_scale)
+        sample_features = extract(samples.images)
+        fid = fid_from_features(sample_features, test_features)
+        kid = kid_from_features(sample_features, test_features, seed=config.seed, scale=feature_scale)
+        predicted = predict_labels(digits.net, samples.images, config.sample_batch_size, device)
+        accuracy, per_class = class_accuracy(predicted, labels, num_classes)
+        result.guidance.append({"guidance_scale": guidance_scale, "sampler": guide_spec.name,
+                                "model_calls": guide_spec.model_calls, "num_samples": config.num_fid_samples,
+                                "num_ref_images": test_images.shape[0], "seconds": samples.seconds,
+                                "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid.mean,
+                                "kid_stderr": kid.stderr, "class_accuracy": accuracy,
+                                "per_class_accuracy": per_class, "feature_net": extract.name})
+        print(f"[raydiff evaluate] {guide_spec.name} guidance s = {guidance_scale:g}: FID {fid:.2f}, KID "
+              f"{kid.mean:.4f} ± {kid.stderr:.4f}, class accuracy {100 * accuracy:.1f}%", flush=True)
+        result.metrics.update({f"fid_guided_{tag}": fid, f"kid_guided_{tag}": kid.mean,
+                               f"kid_guided_{tag}_stderr": kid.stderr, f"class_accuracy_{tag}": accuracy,
+                               f"samples_per_s_guided_{tag}": samples.samples_per_s,
+                               f"sample_seconds_guided_{tag}": samples.seconds})
+        result.artifacts.append(save_class_grid(samples.images, labels, names,
+                                                output_dir / f"samples_guided_{tag}.png", GRID_PER_CLASS,
+                                                scale=scale))
+    best = max(result.guidance, key=lambda row: (row["class_accuracy"], -row["guidance_scale"]))
+    result.metrics.update({"class_accuracy_best": best["class_accuracy"],
+                           "guidance_scale_best": best["guidance_scale"],
+                           "classifier_val_accuracy": digits.val_accuracy})
+    result.artifacts += [write_guidance_csv(result.guidance, output_dir / "guidance_table.csv"),
+                         write_guidance_markdown(result.guidance, output_dir / "guidance_table.md", names, references,
+                                                 digits.val_accuracy),
+                         plot_guidance(result.guidance, output_dir / "guidance.png", references, digits.val_accuracy)]
     return result
+
+
+def model_num_classes(model) -> int | None:
+    """K for a class-conditional DiffusionModel, None when unconditional (or a model pickled before classes)."""
+    return getattr(model, "num_classes", None)
+
+
+def _guidance_plan(config: EvaluateConfig, model, train_labels: torch.Tensor) -> SamplerRun | None:
+    """The guidance sweep's sampler, or None when there is no sweep (an unconditional model, or guidance_scales []).
+    Raises ValueError for guidance settings an unconditional model cannot honour, a sampler that asks for more steps
+    than the model has, and train labels that do not span exactly the model's classes (the classifier that scores
+    class accuracy learns its classes from them)."""
+    num_classes = model_num_classes(model)
+    if num_classes is None:
+        if config.guidance_scales and not config.guidance_is_default:
+            raise ValueError(f"guidance_scales={config.guidance_scales} / guidance_sampler="
+                             f"{config.guidance_sampler!r} ask for a classifier-free guidance sweep, but the model is "
+                             "unconditional (trained without num_classes); remove them or set guidance_scales: []")
+        return None
+    if not config.guidance_scales:
+        return None
+    spec = parse_sampler(config.guidance_sampler)
+    check_steps(spec, model.num_timesteps)
+    low, high = int(train_labels.min()), int(train_labels.max())
+    if low < 0 or high != num_classes - 1:
+        raise ValueError(f"train_labels span [{low}, {high}] but the model has {num_classes} classes: class accuracy "
+                         f"needs labels in [0, {num_classes - 1}] covering the last class (the classifier learns its "
+                         "classes from them)")
+    return spec
 
 
 def _check_inputs(model, test_images: torch.Tensor, train_images: torch.Tensor, train_labels: torch.Tensor) -> None:
@@ -142,6 +241,8 @@ def run(ctx: StageContext) -> StageResult:
     result = run_evaluate(ctx.params, model, test_images, train_images, train_labels, ctx.output_dir, progress=False)
     ctx.log_artifacts(result.artifacts)
     ctx.mlflow().log_dict(ctx.run_id, result.table, "sampler_table.json")
+    if result.guidance:
+        ctx.mlflow().log_dict(ctx.run_id, result.guidance, "guidance_table.json")
     samples = sorted(p for p in result.artifacts if p.name.startswith("samples_"))
     return StageResult(
         values={"metrics": result.metrics, "model_uri": model_uri, "samples_dir": ctx.output_uri,

@@ -1,9 +1,9 @@
 """The sampler quality/time table (rows: one per sampler and step count) as CSV, Markdown (shaped like DDIM's
 Table 1, with model calls across) and a plot of FID against model calls, one curve per sampler family.
 
-A row is a dict with keys: sampler, kind, steps, model_calls, num_samples, seconds, samples_per_s, fid, kid,
-kid_std, feature_net (rows recorded before model_calls and KID existed are read with model_calls = steps and no
-KID).
+A row is a dict with keys: sampler, kind, steps, model_calls, num_samples, num_ref_images (the test images every
+FID/KID is against), seconds, samples_per_s, fid, kid, kid_stderr, feature_net (rows recorded before model_calls and
+KID existed are read with model_calls = steps and no KID; missing cells show as "—").
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 
 from diffusion.sampler_specs import SAMPLER_NAMES
 
-COLUMNS = ["sampler", "kind", "steps", "model_calls", "num_samples", "seconds", "samples_per_s", "fid", "kid",
-           "kid_std", "feature_net"]
+COLUMNS = ["sampler", "kind", "steps", "model_calls", "num_samples", "num_ref_images", "seconds", "samples_per_s",
+           "fid", "kid", "kid_stderr", "feature_net"]
 KIND_LABELS = {"ddpm": "DDPM (σ² = β̃)", "ddim": "DDIM (η = 0)", "sde": "reverse SDE", "pc": "predictor–corrector",
                "ode-euler": "PF-ODE Euler", "ode-heun": "PF-ODE Heun", "dpmpp-2m": "DPM-Solver++(2M)"}
 
@@ -58,13 +58,18 @@ def _pivot(rows: list[dict], value: str, fmt: str) -> list[str]:
     return lines
 
 
-def write_table_markdown(rows: list[dict], path: Path, reference_fid: float | None = None) -> Path:
+def write_table_markdown(rows: list[dict], path: Path, reference_fid: float | None = None,
+                         reference_images: int | None = None) -> Path:
     """FID and samples/s pivoted as model calls (NFE) × sampler (Song et al. 2021, Table 1, across samplers whose
-    steps cost different numbers of calls), then the full rows."""
+    steps cost different numbers of calls), then the full rows. reference_fid: the floor, real images the feature
+    net never saw (reference_images of them) against the same test images."""
     net, n = rows[0]["feature_net"], rows[0]["num_samples"]
-    lines = [f"### FID ↓ ({net} features, {n} samples per sampler)", "", *_pivot(rows, "fid", ".2f"), ""]
+    against = f" against {rows[0]['num_ref_images']} test images" if "num_ref_images" in rows[0] else ""
+    lines = [f"### FID ↓ ({net} features, {n} samples per sampler{against})", "", *_pivot(rows, "fid", ".2f"), ""]
     if reference_fid is not None:
-        lines += [f"Real data (train vs test images, same feature net): FID {reference_fid:.2f}", ""]
+        count = f"{reference_images} " if reference_images is not None else ""
+        lines += [f"Floor: {count}real images the feature net never saw against the test images, same features: "
+                  f"FID {reference_fid:.2f}", ""]
     if all("kid" in row for row in rows):
         lines += [f"### KID × 10³ ↓ (unbiased MMD², cubic kernel, mean over subsets of the {net} features)", "",
                   *_pivot([{**row, "kid": 1e3 * row["kid"]} for row in rows], "kid", ".2f"), ""]
@@ -91,7 +96,8 @@ def plot_fid_vs_model_calls(rows: list[dict], path: Path, reference_fid: float |
         ax_fid.plot(calls, [row["fid"] for row in kind_rows], "o-", label=_label(kind))
         ax_speed.plot(calls, [row["samples_per_s"] for row in kind_rows], "o-", label=_label(kind))
     if reference_fid is not None:
-        ax_fid.axhline(reference_fid, color="gray", ls="--", lw=1, label=f"real train vs test ({reference_fid:.2f})")
+        ax_fid.axhline(reference_fid, color="gray", ls="--", lw=1,
+                       label=f"floor: unseen real vs test ({reference_fid:.2f})")
     ax_fid.set(xscale="log", xlabel="model calls (NFE)", ylabel=f"FID ({rows[0]['feature_net']} features)",
                title="FID vs model calls")
     ax_speed.set(xscale="log", yscale="log", xlabel="model calls (NFE)", ylabel="samples / s", title="throughput")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffusion.packaged import DiffusionModel
@@ -39,3 +40,42 @@ def test_sampling_quality_rejects_a_bad_sampler_string(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.sampling_quality", "--model-uri", str(tmp_path), "--samplers", "ddim50"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "sampler 'ddim50' is not of the form" in done.stderr
+
+
+def test_sampling_quality_benchmark_sweeps_guidance_on_a_conditional_model(tmp_path, tmp_path_factory):
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = DiffusionModel(UNet(UNetConfig.preset("tiny", num_classes=10)), "linear", 50)
+    model_dir = tmp_path / "model"
+    mlflow.pytorch.save_model(model, model_dir, serialization_format="pickle", pip_requirements=["torch"])
+    out_json = tmp_path / "numbers.json"
+    cmd = [sys.executable, "-m", "benchmarks.sampling_quality", "--model-uri", str(model_dir), "--quick",
+           "--samplers", "ddim-2", "--guidance-scales", "1", "2", "--guidance-sampler", "ddim-2", "--num-samples", "20",
+           "--bpd-batch-size", "2", "--cache-dir", str(tmp_path_factory.getbasetemp() / "featnet"),
+           "--output-dir", str(tmp_path / "out"), "--json", str(out_json)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### Classifier-free guidance (ddim-2, 20 samples per scale, 2 per class" in done.stdout
+    numbers = json.loads(out_json.read_text())
+    assert [row["guidance_scale"] for row in numbers["guidance"]] == [1.0, 2.0]
+    assert numbers["config"]["guidance_scales"] == [1.0, 2.0]
+    targets = {row["what"]: row for row in numbers["rows"]}
+    accuracy = targets["class accuracy at s = " + f"{numbers['metrics']['guidance_scale_best']:g}"
+                       + " (best of the sweep) vs classifier on real"]
+    assert accuracy["ours"] == 100 * numbers["metrics"]["class_accuracy_best"] and accuracy["target"] == "≥ 90%"
+    guided = targets["guided FID at s = 1 (ddim-2) vs unconditional ddim-2"]
+    assert (guided["ours"], guided["baseline"]) == (numbers["metrics"]["fid_guided_s1"], numbers["metrics"]["fid_ddim-2"])
+    # An untrained model misses the accuracy target, and the run says so.
+    assert "targets missed: class accuracy at s =" in done.stdout
+
+
+def test_sampling_quality_refuses_guidance_flags_on_an_unconditional_model(tmp_path):
+    import mlflow.pytorch
+
+    from benchmarks.sampling_quality import main
+
+    model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50)
+    mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle", pip_requirements=["torch"])
+    with pytest.raises(SystemExit, match="--guidance-scales / --guidance-sampler need a class-conditional model"):
+        main(["--model-uri", str(tmp_path / "model"), "--guidance-scales", "2"])

@@ -1,10 +1,11 @@
-"""KID against closed forms: the cubic-kernel MMD² of two point masses, an exact expansion for a mean shift, and
-the unbiased estimator's zero mean when both sets come from one distribution."""
+"""KID against closed forms: the cubic-kernel MMD² of two point masses, an exact expansion for a mean shift, the
+unbiased estimator's zero mean when both sets come from one distribution, and a standard error that matches the
+spread of the estimate over independent data sets."""
 
 import numpy as np
 import pytest
 
-from pipelines.evaluate.kid import kid_from_features, polynomial_mmd2, unit_rms
+from pipelines.evaluate.kid import MAX_FULL_ROWS, kid_from_features, polynomial_mmd2, polynomial_mmd2_stderr, unit_rms
 
 
 def test_mmd2_of_two_point_masses_is_the_kernel_distance():
@@ -44,15 +45,43 @@ def test_unbiased_at_small_sample_sizes():
     assert np.mean(shifted) == pytest.approx(exact, abs=4 * np.std(shifted) / np.sqrt(len(shifted)))
 
 
-def test_kid_over_subsets():
+def test_stderr_matches_the_spread_over_independent_data_sets():
+    """Draw 500 independent pairs of sets (a mean shift δ in one of 4 dims, so the first-order term leads); the
+    reported standard error, averaged, matches the standard deviation of the 500 estimates within 15% (that
+    standard deviation is itself known to ≈ 3% at 500 draws)."""
+    rng = np.random.default_rng(3)
+    for delta, m, n in [(0.5, 60, 40), (1.0, 30, 30)]:
+        estimates, stderrs = [], []
+        for _ in range(500):
+            x, y = rng.normal(size=(m, 4)), rng.normal(size=(n, 4))
+            y[:, 0] += delta
+            value, stderr = polynomial_mmd2_stderr(x, y)
+            estimates.append(value)
+            stderrs.append(stderr)
+        assert np.mean(stderrs) / np.std(estimates) == pytest.approx(1.0, abs=0.15), (delta, m, n)
+        assert value == pytest.approx(polynomial_mmd2(x, y), rel=1e-12)
+
+
+def test_kid_uses_every_row_up_to_the_cap_and_subsets_above_it():
     rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(60, 4)), rng.normal(size=(40, 4))
-    kid = kid_from_features(x, y, subsets=10)
-    assert kid.subset_size == 40 and kid.subsets == 10 and kid.std > 0
-    assert kid_from_features(x, y, subsets=10) == kid  # seeded
+    x, y = rng.normal(size=(60, 4)), rng.normal(0.2, size=(40, 4))
+    kid = kid_from_features(x, y)
+    assert (kid.subsets, kid.sizes) == (1, (60, 40))
+    assert (kid.mean, kid.stderr) == pytest.approx(polynomial_mmd2_stderr(x, y), rel=1e-12)
     scale = unit_rms(y)
     assert np.mean(np.square(y / scale)) == pytest.approx(1.0)
-    rescaled = kid_from_features(3 * x, 3 * y, subsets=10, scale=3.0)  # scaling both sets back: the same KID
-    assert (rescaled.mean, rescaled.std) == pytest.approx((kid.mean, kid.std), rel=1e-12)
+    rescaled = kid_from_features(3 * x, 3 * y, scale=3.0)  # scaling both sets back: the same KID
+    assert (rescaled.mean, rescaled.stderr) == pytest.approx((kid.mean, kid.stderr), rel=1e-12)
+    # Subsets: the mean of `subsets` seeded estimates, standard error = their spread / √subsets.
+    sub = kid_from_features(x, y, subsets=10, subset_size=20, seed=5)
+    assert kid_from_features(x, y, subsets=10, subset_size=20, seed=5) == sub and (sub.subsets, sub.sizes) == (10, (20, 20))
+    rng5 = np.random.default_rng(5)
+    values = [polynomial_mmd2(x[rng5.choice(60, 20, replace=False)], y[rng5.choice(40, 20, replace=False)])
+              for _ in range(10)]
+    assert (sub.mean, sub.stderr) == pytest.approx((np.mean(values), np.std(values, ddof=1) / np.sqrt(10)), rel=1e-12)
+    big = kid_from_features(rng.normal(size=(MAX_FULL_ROWS + 1, 2)), rng.normal(size=(30, 2)), subsets=3)
+    assert (big.subsets, big.sizes) == (3, (30, 30))
     with pytest.raises(ValueError, match="subset_size must be in \\[2, 40\\]"):
         kid_from_features(x, y, subset_size=50)
+    with pytest.raises(ValueError, match="at least 3 rows"):
+        kid_from_features(x[:2], y)

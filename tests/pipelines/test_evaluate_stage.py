@@ -84,6 +84,16 @@ def test_config_contract():
     assert sizes == (4, 64, 500, 250)
     assert config.samplers == ["ddpm-1000", "ddim-10", "ddim-20", "ddim-50", "ddim-100"]
     assert (config.fid_feature_net, config.inception_weights, config.seed) == ("digits", None, 0)
+    assert (config.guidance_scales, config.guidance_sampler) == ([1.0, 2.0, 3.0, 5.0], "ddim-50")
+    assert config.guidance_is_default and not EvaluateConfig(guidance_scales=[1.0, 2.0]).guidance_is_default
+    assert not EvaluateConfig(guidance_sampler="ddim-20").guidance_is_default
+    with pytest.raises(ValidationError, match="'ddim50' is not of the form"):
+        EvaluateConfig(guidance_sampler="ddim50")
+    with pytest.raises(ValidationError, match=r"finite and >= 0, got \[-1.0\]"):
+        EvaluateConfig(guidance_scales=[1.0, -1.0])
+    with pytest.raises(ValidationError, match=r"guidance_scales lists \[2.0\] more than once"):
+        EvaluateConfig(guidance_scales=[2, 1, 2.0])
+    assert EvaluateConfig(guidance_scales=[]).guidance_scales == []  # turns the sweep off
     with pytest.raises(ValidationError, match="'ddim-fast'"):
         EvaluateConfig(samplers=["ddim-10", "ddim-fast"])
     with pytest.raises(ValidationError, match="more than once"):
@@ -139,6 +149,9 @@ def test_run_evaluate_end_to_end(digits, trained_model, tmp_path, tmp_path_facto
     result = run_evaluate(config, trained_model, test_x, train_x, train_y, tmp_path / "eval", progress=False)
     m = result.metrics
     assert m["test_bpd_num_images"] == 16
+    # Sample counts beside every FID/KID: 96 samples per sampler, the 359 test images, 96 of the 431 hold-out images.
+    assert (m["fid_num_samples"], m["fid_num_test_images"], m["fid_num_heldout_images"]) == (96, 359, 96)
+    assert all((row["num_samples"], row["num_ref_images"]) == (96, 359) for row in result.table)
     assert m["test_bpd"] == pytest.approx(m["test_prior_bpd"] + m["test_vb_bpd"] + m["test_decoder_bpd"], rel=1e-9)
     assert 0 < m["test_prior_bpd"] < 1e-3 < m["test_decoder_bpd"] < m["test_bpd"] < 16
     assert m["fid_net_val_accuracy"] > 0.93
@@ -157,15 +170,23 @@ def test_run_evaluate_end_to_end(digits, trained_model, tmp_path, tmp_path_facto
     small = config.model_copy(update={"samplers": ["ddim-20"], "bpd_batches": 1, "bpd_batch_size": 2})
     untrained = run_evaluate(small, tiny_model(seed=5, num_timesteps=250), test_x, train_x, train_y,
                              tmp_path / "untrained", progress=False)
-    assert m["fid_train_vs_test"] < m["fid_ddim-20"] < 0.5 * untrained.metrics["fid_ddim-20"]
-    assert abs(m["kid_train_vs_test"]) < m["kid_ddim-20"] < untrained.metrics["kid_ddim-20"]  # KID orders alike
-    assert all(row["kid"] == m[f"kid_{row['sampler']}"] and row["kid_std"] >= 0 for row in result.table)
+    assert m["fid_heldout_vs_test"] < m["fid_ddim-20"] < 0.5 * untrained.metrics["fid_ddim-20"]
+    assert abs(m["kid_heldout_vs_test"]) < m["kid_ddim-20"] < untrained.metrics["kid_ddim-20"]  # KID orders alike
+    # Real vs real: KID within ~3 standard errors of 0; the samples' KID many standard errors above it.
+    assert abs(m["kid_heldout_vs_test"]) < 3 * m["kid_heldout_vs_test_stderr"]
+    assert m["kid_ddim-20"] > 5 * m["kid_ddim-20_stderr"] > 0
+    assert all(row["kid"] == m[f"kid_{row['sampler']}"] and row["kid_stderr"] == m[f"kid_{row['sampler']}_stderr"]
+               for row in result.table)
+    assert not any(name.startswith(("fid_guided", "class_accuracy")) for name in m)  # unconditional: no sweep
     assert m["test_bpd"] < untrained.metrics["test_bpd"]
     table_md = (tmp_path / "eval" / "sampler_table.md").read_text()
     assert "| sampler | NFE = 5 | NFE = 20 | NFE = 25 |" in table_md  # Table 1 shape: model calls across
     assert f"| DDIM (η = 0) | {m['fid_ddim-5']:.2f} | {m['fid_ddim-20']:.2f} | — |" in table_md
     assert f"| DDPM (σ² = β̃) | — | — | {m['fid_ddpm-25']:.2f} |" in table_md
     assert f"| DDIM (η = 0) | {1e3 * m['kid_ddim-5']:.2f} | {1e3 * m['kid_ddim-20']:.2f} | — |" in table_md
+    assert "### FID ↓ (digits features, 96 samples per sampler against 359 test images)" in table_md
+    assert (f"Floor: 96 real images the feature net never saw against the test images, same features: "
+            f"FID {m['fid_heldout_vs_test']:.2f}") in table_md
 
 
 def test_run_evaluate_fails_fast_naming_the_problem(digits, tmp_path):
@@ -181,6 +202,10 @@ def test_run_evaluate_fails_fast_naming_the_problem(digits, tmp_path):
         run_evaluate(ok, model, test_x, train_x * 2, train_y, tmp_path, progress=False)
     with pytest.raises(ValueError, match="train_labels must be int64"):
         run_evaluate(ok, model, test_x, train_x, train_y.int(), tmp_path, progress=False)
+    # Guidance settings an unconditional model cannot honour fail before any work; the defaults and [] skip the sweep.
+    for guidance in ({"guidance_scales": [1.0, 4.0]}, {"guidance_sampler": "ddim-20"}):
+        with pytest.raises(ValueError, match="unconditional .*guidance_scales: \\[\\]"):
+            run_evaluate(ok.model_copy(update=guidance), model, test_x, train_x, train_y, tmp_path, progress=False)
     missing = EvaluateConfig(samplers=["ddim-10"], fid_feature_net="inception",
                              inception_weights=str(tmp_path / "x.pth"))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
