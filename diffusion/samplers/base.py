@@ -77,7 +77,8 @@ class Sampler:
 
     def start(self, sched: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None, **options) -> SamplerState:
         """A run at its first reverse step from x_T: [B, C, H, W]; `steps` < T respaces by the `spacing` option.
-        On a zero-terminal-SNR schedule the walk must start at T − 1 (a spacing such as "trailing")."""
+        On a zero-terminal-SNR schedule the walk must start at T − 1: without an explicit `spacing` a default that
+        would skip it becomes "trailing"; an explicit one that skips it is a ValueError."""
         resolved = self.spec.resolve(options)
         steps = self.spec.steps_for(sched.num_timesteps, steps)
         spacing = resolved.get("spacing", "linspace")
@@ -87,8 +88,10 @@ class Sampler:
                                  "(ᾱ = 0 at T − 1); use ddpm, ddim or dpmpp-2m")
             last = sched.num_timesteps - 1
             if spacing == "logsnr" or spaced_timesteps(sched.num_timesteps, steps, spacing)[-1] != last:
-                raise ValueError(f"spacing {spacing!r} with {steps} steps skips the terminal step T − 1 of this "
-                                 "zero-terminal-SNR model; use spacing 'trailing'")
+                if "spacing" in options:
+                    raise ValueError(f"spacing {spacing!r} with {steps} steps skips the terminal step T − 1 of this "
+                                     "zero-terminal-SNR model; use spacing 'trailing'")
+                spacing = resolved["spacing"] = "trailing"
         walk = respaced(sched, steps, spacing)
         return SamplerState(walk, x_T, walk.num_timesteps - 1, resolved)
 

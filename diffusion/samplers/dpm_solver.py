@@ -15,7 +15,9 @@ from diffusion.schedule import NoiseSchedule
 
 
 def log_snr(abar: float) -> float:
-    """λ = log(√ᾱ / √(1 − ᾱ)); +∞ at ᾱ = 1."""
+    """λ = log(√ᾱ / √(1 − ᾱ)); +∞ at ᾱ = 1, −∞ at ᾱ = 0 (zero terminal SNR: the first step is then first order)."""
+    if abar <= 0.0:
+        return -math.inf
     return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1.0 - abar))
 
 

@@ -111,6 +111,12 @@ def test_zero_terminal_snr_sampling_starts_at_pure_noise_and_follows_its_exact_l
         assert abs(mean - MU) < 0.01 and abs(std - S) < 0.1  # and that law is close to the data's
     with pytest.raises(ValueError, match="trailing"):
         sample(model, sched, (2, 1), "ddim", 50, spacing="leading")
+    from diffusion.samplers import get_sampler
+
+    for name in ("ddim", "dpmpp-2m"):  # their default spacings (leading, logsnr) skip T − 1: trailing instead
+        state = get_sampler(name).start(sched, torch.zeros(2, 1), 20)
+        assert state.options["spacing"] == "trailing" and state.sched.timesteps[-1] == 999
+        assert torch.isfinite(sample(model, sched, (64, 1), name, 20, clip_x0=False)).all()
     with pytest.raises(ValueError, match="cannot start from a zero-terminal-SNR"):
         sample(model, sched, (2, 1), "ode-heun", 10)
 
