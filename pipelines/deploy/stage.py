@@ -17,7 +17,7 @@ from pipelines.stage import StageContext, StageKind, StageRecord, StageResult
 
 def model_uri_to_serve(ctx: StageContext) -> str:
     upstream = ctx.inputs["model"]
-    if upstream.kind == "train":
+    if upstream.kind in ("train", "sweep"):  # a sweep's values are its best trial's, as a train stage's
         return upstream.values["model_uri"]
     values = upstream.values
     version = values["champion_version"] if ctx.params.model == "champion" else values["version"]
@@ -67,5 +67,5 @@ def restore(ctx: StageContext, record: StageRecord) -> StageRecord:
 
 
 KIND = StageKind(name="deploy", params="pipelines.deploy.config:DeployConfig", run=run,
-                 inputs={"model": ("register", "train")}, code=("services",), resources={"num_cpus": 0},
+                 inputs={"model": ("register", "train", "sweep")}, code=("services",), resources={"num_cpus": 0},
                  restore=restore)

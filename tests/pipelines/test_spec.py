@@ -170,3 +170,14 @@ def test_shipped_configs_validate_and_draw():
     assert (train.steps, train.batch_size, train.workers, train.use_gpu) == (800_000, 128, 8, True)
     assert train.model.preset == "cifar10" and gpu.tracking.uri == "http://raydiff-mlflow:5000"
     assert gpu.stages["ingest"].params.source.path == "/x/cifar.tar.gz"
+
+
+def test_a_sweep_feeds_evaluate_register_and_deploy_like_a_train_stage():
+    raw = parse_yaml((ROOT / "configs" / "sweep-local.yaml").read_text())
+    raw["stages"]["register"] = {"needs": ["evaluate"], "model_name": "digits-sweep",
+                                 "promote_if": {"metric": "test_bpd", "mode": "min"}}
+    raw["stages"]["deploy"] = {"needs": ["register"], "route": "/"}
+    spec = build_spec(raw)
+    assert resolve_inputs(spec.stages, "evaluate")["model"] == "sweep"
+    assert resolve_inputs(spec.stages, "register") == {"model": "sweep", "evaluation": "evaluate"}
+    assert resolve_inputs(spec.stages, "deploy") == {"model": "register"}
