@@ -71,7 +71,7 @@ def write_table_markdown(rows: list[dict], path: Path, reference_fid: float | No
         lines += [f"Floor: {count}real images the feature net never saw against the test images, same features: "
                   f"FID {reference_fid:.2f}", ""]
     if all("kid" in row for row in rows):
-        lines += [f"### KID × 10³ ↓ (unbiased MMD², cubic kernel, mean over subsets of the {net} features)", "",
+        lines += [f"### KID × 10³ ↓ (unbiased MMD², cubic kernel, {net} features; standard errors in the rows)", "",
                   *_pivot([{**row, "kid": 1e3 * row["kid"]} for row in rows], "kid", ".2f"), ""]
     lines += ["NFE counts model calls: one per step, two per Heun step but one on its last, (1 + corrector steps) per "
               "predictor–corrector step. Respaced samplers use their default spacing (DDPM, SDE, PC and the ODE "

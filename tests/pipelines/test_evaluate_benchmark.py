@@ -1,6 +1,7 @@
 """benchmarks/sampling_quality.py end to end on a tiny model saved in MLflow's format (a real subprocess)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from diffusion.packaged import DiffusionModel
 from diffusion.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[2]
+# One thread per process: a tiny model gains nothing from more, and loses much when other work shares the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_sampling_quality_benchmark_writes_numbers(tmp_path, tmp_path_factory):
@@ -26,7 +29,7 @@ def test_sampling_quality_benchmark_writes_numbers(tmp_path, tmp_path_factory):
            "--samplers", "ddpm-10", "ddim-5", "--num-samples", "40", "--bpd-batch-size", "4",
            "--cache-dir", str(tmp_path_factory.getbasetemp() / "featnet"), "--output-dir", str(tmp_path / "out"),
            "--json", str(out_json)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| DDIM (η = 0) |" in done.stdout and "ddim-5 samples/s vs ddpm-10" in done.stdout
     numbers = json.loads(out_json.read_text())
@@ -38,7 +41,7 @@ def test_sampling_quality_benchmark_writes_numbers(tmp_path, tmp_path_factory):
 
 def test_sampling_quality_rejects_a_bad_sampler_string(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.sampling_quality", "--model-uri", str(tmp_path), "--samplers", "ddim50"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, env=ENV)
     assert done.returncode != 0 and "sampler 'ddim50' is not of the form" in done.stderr
 
 
@@ -54,7 +57,7 @@ def test_sampling_quality_benchmark_sweeps_guidance_on_a_conditional_model(tmp_p
            "--samplers", "ddim-2", "--guidance-scales", "1", "2", "--guidance-sampler", "ddim-2", "--num-samples", "20",
            "--bpd-batch-size", "2", "--cache-dir", str(tmp_path_factory.getbasetemp() / "featnet"),
            "--output-dir", str(tmp_path / "out"), "--json", str(out_json)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "### Classifier-free guidance (ddim-2, 20 samples per scale, 2 per class" in done.stdout
     numbers = json.loads(out_json.read_text())

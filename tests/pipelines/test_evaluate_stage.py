@@ -22,6 +22,15 @@ from pipelines.evaluate.sampling import SamplerRun, generate_samples, parse_samp
 from pipelines.evaluate.stage import run_evaluate
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose much (10× here) when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return digits_split(size=8)
