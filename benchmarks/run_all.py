@@ -110,7 +110,8 @@ def write_results(results: dict, path: Path) -> None:
                   f"{m['test_vb_bpd']:.3f}, L_0 {m['test_decoder_bpd']:.3f}). The DDIM paper's Table 1 for digits, "
                   "every sampler family against model calls:", ""]
         with tempfile.TemporaryDirectory() as tmp:
-            table_md = write_table_markdown(quality["table"], Path(tmp) / "table.md", m.get("fid_train_vs_test"))
+            table_md = write_table_markdown(quality["table"], Path(tmp) / "table.md", m.get("fid_heldout_vs_test"),
+                                            m.get("fid_num_heldout_images"))
             lines += table_md.read_text().replace("### ", "#### ").splitlines()
         lines += ["", f"![FID against model calls]({QUALITY_PLOT.name})"]
     profiles = results["benchmarks"].get("profile_train", {}).get("profiles", {})
