@@ -66,9 +66,9 @@ def test_ui_serves_the_tracking_store(tmp_path):
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow on a loaded machine
                 time.sleep(0.5)
         else:
             raise AssertionError("the MLflow UI did not come up")
