@@ -129,11 +129,13 @@ def step_rates(names: list[str], steps: int = 10, rounds: int = 5) -> dict[str, 
         optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
         sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
         t_sampler = ImportanceSampler(sched.num_timesteps) if cfg.objective == "l_vlb" else None
-        x0, y = torch.rand(32, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (32,))
+        x0 = torch.rand(32, 1, 8, 8) * 2 - 1
+        y = torch.randint(0, 10, (32,)) if unet_config.num_classes is not None else None
 
         def step(unet=unet, optimizer=optimizer, sched=sched, cfg=cfg, t_sampler=t_sampler, x0=x0, y=y):
             t, w = t_sampler.sample(32) if t_sampler is not None else (None, None)
-            terms = training_losses(lambda x, t_in: unet(x, t_in, y), sched, x0, t, weights=w,
+            terms = training_losses(lambda x, t_in: unet(x, t_in, y) if y is not None else unet(x, t_in), sched,
+                                    x0, t, weights=w,
                                     objective=cfg.objective, prediction=cfg.model.prediction,
                                     learn_variance=cfg.model.learn_variance, loss_weighting=cfg.loss_weighting)
             optimizer.zero_grad()
