@@ -9,17 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.digits import digits_split
 from pipelines.evaluate.digits_net import (DigitsNetRecipe, cache_key, holdout_split, load_or_train_digits_net,
                                            train_digits_net)
 from pipelines.evaluate.features import FeatureExtractor, build_feature_extractor
 from pipelines.evaluate.frechet import fid_from_features
 from pipelines.evaluate.inception import FEATURE_DIM, FIDInceptionV3, load_fid_inception
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split(size=8)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from diffusion.packaged import DiffusionModel
 from diffusion.process import q_sample
 from diffusion.unet import UNet, UNetConfig
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.digits import digits_split
 from pipelines.evaluate.guidance import class_accuracy, scale_tag
 from pipelines.evaluate.sampling import balanced_labels, generate_samples, parse_sampler
 from pipelines.evaluate.stage import run_evaluate
@@ -24,18 +23,7 @@ from pipelines.evaluate.stage import run_evaluate
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose much (10× here) when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split(size=8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pipelines/conftest.py
 
 
 def conditional_model(seed: int = 0, num_timesteps: int = 250) -> DiffusionModel:

@@ -16,24 +16,12 @@ from diffusion.packaged import DiffusionModel
 from diffusion.unet import UNet, UNetConfig
 from pipelines.evaluate.bpd import evaluate_bpd
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.digits import digits_split
 from pipelines.evaluate.grid import save_grid
 from pipelines.evaluate.sampling import SamplerRun, generate_samples, parse_sampler
 from pipelines.evaluate.stage import run_evaluate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose much (10× here) when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split(size=8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pipelines/conftest.py
 
 
 def tiny_model(seed: int = 0, num_timesteps: int = 1000) -> DiffusionModel:
