@@ -2,17 +2,14 @@
 the same MLflow run and the rest of the pipeline runs. Real CLI processes, each with its own local Ray."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.pipelines.cli_driver import kill_driver, rerun, start_driver
+
 STEPS = 120
 pytestmark = pytest.mark.slow
 
@@ -53,27 +50,16 @@ def checkpoint_registered(tmp_path: Path) -> bool:
 def test_killed_driver_resumes_training_then_finishes(tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(PIPELINE.format(tmp=tmp_path, steps=STEPS))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-m", "pipelines.cli", "run", str(pipeline), "--no-serve-wait"]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+    first = start_driver(pipeline, tmp_path)
     try:
         deadline = time.time() + 400
         while not checkpoint_registered(tmp_path):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no training checkpoint appeared"
             time.sleep(0.2)
-        descendants = psutil.Process(first.pid).children(recursive=True)
-        names = {p.pid: p.name() for p in descendants}
-        first.kill()
-        first.wait(timeout=30)
-        _, alive = psutil.wait_procs(descendants, timeout=20)  # Ray's processes share the driver's fate ...
-        for process in alive:
-            process.kill()
+        lingering = kill_driver(first)  # Ray's processes share the driver's fate ...
         # ... except two idle agents that linger: no training may go on behind the resumed run's back
-        assert not [names[p.pid] for p in alive if names[p.pid] not in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")]
+        assert not [name for name in lingering if name not in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")]
     finally:
         if first.poll() is None:
             first.kill()
@@ -81,7 +67,7 @@ def test_killed_driver_resumes_training_then_finishes(tmp_path):
     assert not (train_dir / "raydiff-stage.json").exists(), "training finished before the kill; raise STEPS"
     train_run_id = (train_dir / "mlflow_run_id.txt").read_text().strip()
 
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    second = rerun(pipeline, tmp_path)
     assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
     out = second.stdout
     assert "[raydiff] ingest     cached" in out and "[raydiff] train      started" in out

@@ -3,17 +3,16 @@ trains, then run again: Ray Tune's experiment restore keeps the finished trial, 
 Train checkpoint in the same MLflow run, the rest run. Real CLI processes, each with its own local Ray."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.pipelines.cli_driver import cli_env, kill_driver, rerun, start_driver
+
 pytestmark = pytest.mark.slow
 
 PIPELINE = """
@@ -58,12 +57,7 @@ def checkpoint_registered(trial_dir: Path) -> bool:
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(PIPELINE.format(tmp=tmp_path))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-m", "pipelines.cli", "run", str(pipeline), "--no-serve-wait"]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+    first = start_driver(pipeline, tmp_path)
     try:
         deadline = time.time() + 400
         while True:
@@ -74,12 +68,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                     sweep_dirs[0] / "trials" / "trial-001"):
                 break
             time.sleep(0.2)
-        descendants = psutil.Process(first.pid).children(recursive=True)
-        first.kill()
-        first.wait(timeout=30)
-        _, alive = psutil.wait_procs(descendants, timeout=20)
-        for process in alive:
-            process.kill()
+        kill_driver(first)
     finally:
         if first.poll() is None:
             first.kill()
@@ -90,7 +79,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     trial_runs = {i: (sweep_dir / "trials" / f"trial-{i:03d}" / "mlflow_run_id.txt").read_text().strip()
                   for i in (0, 1)}
 
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    second = rerun(pipeline, tmp_path)
     assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
     assert "[raydiff] ingest     cached" in second.stdout and "[raydiff] sweep      done" in second.stdout
     assert "resuming the Tune experiment" in second.stdout + second.stderr
@@ -111,7 +100,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     assert sweep_run.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
 
-    status = subprocess.run([sys.executable, "-m", "pipelines.sweep.status", str(pipeline)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run([sys.executable, "-m", "pipelines.sweep.status", str(pipeline)], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert "3 finished" in status.stdout and "best so far: trial-" in status.stdout
