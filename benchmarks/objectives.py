@@ -14,7 +14,8 @@ the default switched). Targets (issue "Training objectives"): l_hybrid with a le
 the baseline's held-out ELBO with FID within 10%. The row configs/local.yaml trains (`DEFAULT_ROW`) also runs the
 evaluate stage's guidance sweep. Ingest is shared (cached).
 
-    python -m benchmarks.objectives --rows "unconditional: l_simple, ε, fixed Σ" "unconditional: l_hybrid + learned Σ"
+    python -m benchmarks.objectives --rows "unconditional: l_simple, ε, fixed Σ" \
+        "unconditional: l_hybrid + learned Σ"
 """
 
 from __future__ import annotations
@@ -142,8 +143,7 @@ def step_rates(names: list[str], steps: int = 10, rounds: int = 5) -> dict[str, 
 
         def step(unet=unet, optimizer=optimizer, sched=sched, cfg=cfg, t_sampler=t_sampler, x0=x0, y=y):
             t, w = t_sampler.sample(32) if t_sampler is not None else (None, None)
-            terms = training_losses(lambda x, t_in: unet(x, t_in, y) if y is not None else unet(x, t_in), sched,
-                                    x0, t, weights=w,
+            terms = training_losses(lambda x, t_in: unet(x, t_in, y), sched, x0, t, weights=w,  # y None: unconditional
                                     objective=cfg.objective, prediction=cfg.model.prediction,
                                     learn_variance=cfg.model.learn_variance, loss_weighting=cfg.loss_weighting)
             optimizer.zero_grad()

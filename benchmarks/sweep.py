@@ -66,8 +66,9 @@ def record(tmp: Path, kind: str) -> dict:
     return json.loads(files[-1].read_text())
 
 
-def sweep_vs_sequential(tmp: Path, sweep: dict, train_file: Path) -> Row:
+def sweep_vs_sequential(tmp: Path, sweep: dict, train: dict) -> Row:
     """The 8-trial sweep's wall time against the same 8 trainings as one `raydiff run` each."""
+    train_file = pipeline(tmp, "bench-train", {"train": {"needs": ["ingest"], **train}})
     raydiff_run(pipeline(tmp, "bench-ingest", {}), tmp)  # ingest once; cached below
     sweep_seconds = raydiff_run(pipeline(tmp, "bench-sweep", {"sweep": sweep}), tmp)
     trials = record(tmp, "sweep")["values"]["trials"]
@@ -120,9 +121,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as directory:
         tmp = Path(directory)
-        train_file = pipeline(tmp, "bench-train", {"train": {"needs": ["ingest"], **train}})
         if not args.overhead_only:
-            rows.append(sweep_vs_sequential(tmp, sweep, train_file))
+            rows.append(sweep_vs_sequential(tmp, sweep, train))
         rows.append(one_trial_overhead(tmp, sweep, train, args.repeats))
     emit(rows, args.json, "sweeps")
 
