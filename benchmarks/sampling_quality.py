@@ -15,7 +15,11 @@ same sampler's unconditional (null-class) samples (target: no worse).
 
 `--model-uri` is anything `mlflow.pytorch.load_model` accepts (runs:/…, models:/…, a local model directory).
 Data: scikit-learn digits at the model's resolution with a seeded 80/20 split (`--split-seed`); a model trained by
-the pipeline's ingest split may have seen some of these test images, which flatters its bits/dim.
+the pipeline's ingest split may have seen some of these test images, which flatters its bits/dim and the FID of the
+samplers that reproduce training images most faithfully. So for a model that a pipeline trained the benchmark reads
+the train and test splits that pipeline's ingest stage wrote (found through MLflow: the model's training run, its
+pipeline run, the ingest run's stage record), and every test image is one the model never saw; `--splits DIR` names
+them directly (DIR holds `train/` and `test/`, e.g. `.raydiff/stages/ingest-<key>/ingest-<id>`).
 The FID feature network is the digits CNN of the evaluate stage (trained once on the TRAIN part, then cached).
 """
 
@@ -59,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--splits", type=Path, help="an ingest stage's output holding train/ and test/ webdataset splits "
+                                               "(default: those of the pipeline that trained the model, else a "
+                                               "seeded split of the embedded digits)")
     p.add_argument("--cache-dir", help="digits feature net cache (default ~/.cache/raydiff)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-dir", help="plots, grids and tables (default: a new temporary directory)")
@@ -80,6 +87,64 @@ def load_model(uri: str, tracking_uri: str | None, device: str) -> torch.nn.Modu
     if not (hasattr(model, "schedule") and hasattr(model, "image_shape")):
         raise SystemExit(f"--model-uri {uri!r} holds a {type(model).__name__}, not a diffusion.packaged.DiffusionModel")
     return model.to(device).eval()
+
+
+def pipeline_splits(model: torch.nn.Module, tracking_uri: str | None) -> Path | None:
+    """The directory holding train/ and test/ that the pipeline which trained `model` ingested, found through MLflow
+    (the model's training run → its pipeline run → that pipeline's ingest run → the ingest stage's record), or None
+    for a model that no pipeline on this machine trained."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.cache import RECORD_FILE
+
+    run_id = getattr(model, "metadata", {}).get("training_run_id")
+    if not run_id:
+        return None
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        train = client.get_run(run_id)
+    except MlflowException:
+        return None
+    parent = train.data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return None
+    siblings = client.search_runs([train.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    ingests = {run.data.tags.get("raydiff.output_uri") for run in siblings
+               if run.data.tags.get("raydiff.kind") == "ingest"}
+    if len(ingests) != 1 or None in ingests:
+        return None
+    record = Path(ingests.pop()) / RECORD_FILE
+    if not record.is_file():
+        return None
+    splits = json.loads(record.read_text()).get("values", {}).get("splits", {})
+    train_dir, test_dir = Path(splits.get("train", "")), Path(splits.get("test", ""))
+    if train_dir.parent != test_dir.parent or not (train_dir.is_dir() and test_dir.is_dir()):
+        return None
+    return train_dir.parent
+
+
+def load_data(args: argparse.Namespace, size: int, model: torch.nn.Module | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(train images [M, 1, size, size], train labels [M], test images [N, 1, size, size], where they came from), all
+    in [−1, 1]: --splits, else the splits of the pipeline that trained `model`, else a seeded digits split."""
+    splits = args.splits or (pipeline_splits(model, args.tracking_uri) if model is not None else None)
+    if splits is None:
+        train_x, train_y, test_x, _ = digits_split(size=size, seed=args.split_seed)
+        return train_x, train_y, test_x, (f"the embedded digits, seeded 80/20 split (seed {args.split_seed}; a model "
+                                          "trained on other splits may have seen some of them: see --splits)")
+    from pipelines.ingest.reader import load_split_tensor
+
+    missing = [name for name in ("train", "test") if not (splits / name).is_dir()]
+    if missing:
+        raise SystemExit(f"splits {splits}: no {' or '.join(missing)} split directory there (an ingest "
+                         "stage's output holds train/ and test/)")
+    train_x, train_y = load_split_tensor(splits / "train")
+    test_x, _ = load_split_tensor(splits / "test")
+    if train_x.shape[-1] != size or test_x.shape[-1] != size:
+        raise SystemExit(f"splits {splits}: images are {test_x.shape[-1]}×{test_x.shape[-1]}, "
+                         f"the model samples {size}×{size}")
+    return train_x, train_y, test_x, f"the ingest splits in {splits}"
 
 
 def build_config(args: argparse.Namespace) -> EvaluateConfig:
@@ -158,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     channels, size, _ = model.image_shape
     if channels != 1:
         raise SystemExit(f"the digits benchmark needs a 1-channel model; {args.model_uri!r} has {channels} channels")
-    train_x, train_y, test_x, _ = digits_split(size=size, seed=args.split_seed)
+    train_x, train_y, test_x, data = load_data(args, size, model)
+    print(f"test images: {data}")
     output_dir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="sampling_quality_"))
     result = run_evaluate(config, model, test_x, train_x, train_y, output_dir)
 
@@ -179,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"targets missed: {'; '.join(missed)}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "title": "sampling quality", "machine": machine(), "model_uri": args.model_uri,
+            "title": "sampling quality", "machine": machine(), "model_uri": args.model_uri, "test_data": data,
             "config": config.model_dump(), "metrics": m, "table": result.table, "guidance": result.guidance,
             "ratios": [{"what": r.what, "ours": r.ours, "baseline": r.baseline, "ratio": r.ratio} for r in rows],
             "rows": [{"what": r.what, "ours": r.ours, "baseline": r.baseline, "unit": r.unit, "target": r.target,

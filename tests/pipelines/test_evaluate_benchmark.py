@@ -82,3 +82,53 @@ def test_sampling_quality_refuses_guidance_flags_on_an_unconditional_model(tmp_p
     mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle", pip_requirements=["torch"])
     with pytest.raises(SystemExit, match="--guidance-scales / --guidance-sampler need a class-conditional model"):
         main(["--model-uri", str(tmp_path / "model"), "--guidance-scales", "2"])
+
+
+def test_sampling_quality_reads_the_splits_the_model_trained_on(ray_session, tmp_path):
+    """Train and test come from the ingest output of the model's own pipeline (found through MLflow), or --splits;
+    a model no pipeline trained falls back to a seeded digits split, and says so."""
+    import mlflow
+    from PIL import Image
+
+    from benchmarks.sampling_quality import load_data, parse_args
+    from pipelines.cache import RECORD_FILE
+    from pipelines.ingest.config import IngestConfig
+    from pipelines.ingest.reader import load_split_tensor
+    from pipelines.ingest.stage import run_ingest
+
+    src = tmp_path / "src"
+    for digit in range(2):
+        (src / str(digit)).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (8, 8), 10 * i + 120 * digit).save(src / str(digit) / f"{i}.png")
+    config = IngestConfig.model_validate({"source": {"kind": "folder", "path": str(src)},
+                                          "image": {"size": 8, "channels": 1}, "split": {"val": 0.0, "test": 0.25}})
+    stage_dir = tmp_path / "stages" / "ingest-0123"
+    splits = run_ingest(config, stage_dir, progress=False).splits
+    (stage_dir / RECORD_FILE).write_text(json.dumps({"values": {"splits": {k: str(v) for k, v in splits.items()}}}))
+    # What a pipeline run logs: a parent run with an ingest and a train child; the model names its training run.
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment).info.run_id
+    client.create_run(experiment, tags={"mlflow.parentRunId": parent, "raydiff.kind": "ingest",
+                                        "raydiff.output_uri": str(stage_dir)})
+    train_run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "raydiff.kind": "train"})
+    model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50,
+                           metadata={"training_run_id": train_run.info.run_id})
+
+    args = parse_args(["--model-uri", "m", "--tracking-uri", tracking_uri])
+    train_x, train_y, test_x, source = load_data(args, 8, model)
+    want_train, want_labels = load_split_tensor(splits["train"])
+    assert torch.equal(train_x, want_train) and torch.equal(train_y, want_labels)
+    assert torch.equal(test_x, load_split_tensor(splits["test"])[0]) and len(test_x) + len(train_x) == 20
+    assert source == f"the ingest splits in {Path(splits['train']).parent}"
+    explicit = load_data(parse_args(["--model-uri", "m", "--splits", str(Path(splits["test"]).parent)]), 8)
+    assert torch.equal(explicit[2], test_x)
+
+    untracked = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50)
+    assert "seeded 80/20 split (seed 0; a model trained on other splits" in load_data(args, 8, untracked)[3]
+    with pytest.raises(SystemExit, match="model samples 16×16"):
+        load_data(args, 16, model)
+    with pytest.raises(SystemExit, match=r"splits .*: no train or test split directory there"):
+        load_data(parse_args(["--model-uri", "m", "--splits", str(tmp_path)]), 8)
