@@ -39,6 +39,7 @@ ROWS: dict[str, list[str]] = {
     "l_simple, ε, fixed Σ": SIMPLE,
     "l_hybrid + learned Σ": HYBRID,
     "l_hybrid + learned Σ, cosine": [*HYBRID, "train.schedule.name=cosine"],
+    "l_hybrid + learned Σ, v-prediction": [*HYBRID, "train.model.prediction=v"],
     "l_vlb + learned Σ, importance-sampled t": ["train.objective=l_vlb", "train.model.learn_variance=true"],
     "v-prediction, min-SNR-5": [*SIMPLE, "train.model.prediction=v", "train.loss_weighting=min_snr"],
     "v-prediction, zero terminal SNR": [*SIMPLE, "train.model.prediction=v", "train.schedule.zero_terminal_snr=true"],
