@@ -89,14 +89,15 @@ def load_model(uri: str, tracking_uri: str | None, device: str) -> torch.nn.Modu
     return model.to(device).eval()
 
 
-def pipeline_splits(model: torch.nn.Module, tracking_uri: str | None) -> Path | None:
-    """The directory holding train/ and test/ that the pipeline which trained `model` ingested, found through MLflow
-    (the model's training run → its pipeline run → that pipeline's ingest run → the ingest stage's record), or None
-    for a model that no pipeline on this machine trained."""
+def pipeline_splits(model: torch.nn.Module, tracking_uri: str | None) -> tuple[Path, Path] | None:
+    """Local copies of the (train, test) split directories that the pipeline which trained `model` ingested, found
+    through MLflow (the model's training run → its pipeline run → that pipeline's ingest run → the ingest stage's
+    record), or None for a model that no reachable pipeline trained."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.cache import RECORD_FILE
+    from pipelines.cache import read_record
+    from pipelines.storage import Storage
 
     run_id = getattr(model, "metadata", {}).get("training_run_id")
     if not run_id:
@@ -114,37 +115,36 @@ def pipeline_splits(model: torch.nn.Module, tracking_uri: str | None) -> Path | 
                if run.data.tags.get("raydiff.kind") == "ingest"}
     if len(ingests) != 1 or None in ingests:
         return None
-    record = Path(ingests.pop()) / RECORD_FILE
-    if not record.is_file():
+    storage = Storage(next(iter(ingests)))
+    record = read_record(storage, storage.root)
+    splits = record.values.get("splits", {}) if record is not None else {}
+    if "train" not in splits or "test" not in splits:
         return None
-    splits = json.loads(record.read_text()).get("values", {}).get("splits", {})
-    train_dir, test_dir = Path(splits.get("train", "")), Path(splits.get("test", ""))
-    if train_dir.parent != test_dir.parent or not (train_dir.is_dir() and test_dir.is_dir()):
-        return None
-    return train_dir.parent
+    return storage.localize(splits["train"]), storage.localize(splits["test"])
 
 
 def load_data(args: argparse.Namespace, size: int, model: torch.nn.Module | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(train images [M, 1, size, size], train labels [M], test images [N, 1, size, size], where they came from), all
     in [−1, 1]: --splits, else the splits of the pipeline that trained `model`, else a seeded digits split."""
-    splits = args.splits or (pipeline_splits(model, args.tracking_uri) if model is not None else None)
-    if splits is None:
+    if args.splits is not None:
+        dirs = args.splits / "train", args.splits / "test"
+    else:
+        dirs = pipeline_splits(model, args.tracking_uri) if model is not None else None
+    if dirs is None:
         train_x, train_y, test_x, _ = digits_split(size=size, seed=args.split_seed)
         return train_x, train_y, test_x, (f"the embedded digits, seeded 80/20 split (seed {args.split_seed}; a model "
                                           "trained on other splits may have seen some of them: see --splits)")
     from pipelines.ingest.reader import load_split_tensor
 
-    missing = [name for name in ("train", "test") if not (splits / name).is_dir()]
+    missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
-        raise SystemExit(f"splits {splits}: no {' or '.join(missing)} split directory there (an ingest "
-                         "stage's output holds train/ and test/)")
-    train_x, train_y = load_split_tensor(splits / "train")
-    test_x, _ = load_split_tensor(splits / "test")
+        raise SystemExit(f"no split directory {' or '.join(missing)} (an ingest stage's output holds train/ and test/)")
+    (train_x, train_y), (test_x, _) = load_split_tensor(dirs[0]), load_split_tensor(dirs[1])
     if train_x.shape[-1] != size or test_x.shape[-1] != size:
-        raise SystemExit(f"splits {splits}: images are {test_x.shape[-1]}×{test_x.shape[-1]}, "
+        raise SystemExit(f"splits {dirs[0]}, {dirs[1]}: images are {test_x.shape[-1]}×{test_x.shape[-1]}, "
                          f"the model samples {size}×{size}")
-    return train_x, train_y, test_x, f"the ingest splits in {splits}"
+    return train_x, train_y, test_x, f"the ingest splits {dirs[0]} and {dirs[1]}"
 
 
 def build_config(args: argparse.Namespace) -> EvaluateConfig:

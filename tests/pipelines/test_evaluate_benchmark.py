@@ -91,10 +91,12 @@ def test_sampling_quality_reads_the_splits_the_model_trained_on(ray_session, tmp
     from PIL import Image
 
     from benchmarks.sampling_quality import load_data, parse_args
-    from pipelines.cache import RECORD_FILE
+    from pipelines.cache import write_record
     from pipelines.ingest.config import IngestConfig
     from pipelines.ingest.reader import load_split_tensor
     from pipelines.ingest.stage import run_ingest
+    from pipelines.stage import StageRecord
+    from pipelines.storage import Storage
 
     src = tmp_path / "src"
     for digit in range(2):
@@ -105,7 +107,10 @@ def test_sampling_quality_reads_the_splits_the_model_trained_on(ray_session, tmp
                                           "image": {"size": 8, "channels": 1}, "split": {"val": 0.0, "test": 0.25}})
     stage_dir = tmp_path / "stages" / "ingest-0123"
     splits = run_ingest(config, stage_dir, progress=False).splits
-    (stage_dir / RECORD_FILE).write_text(json.dumps({"values": {"splits": {k: str(v) for k, v in splits.items()}}}))
+    split_uris = {name: str(path) for name, path in splits.items()}
+    write_record(Storage(str(stage_dir)), StageRecord(
+        stage="ingest", kind="ingest", key="0123", uri=str(stage_dir), values={"splits": split_uris},
+        content_hash="0", run_id=None, seconds=0.0, finished_at="2026-12-03T00:00:00+00:00"))
     # What a pipeline run logs: a parent run with an ingest and a train child; the model names its training run.
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = mlflow.MlflowClient(tracking_uri)
@@ -122,7 +127,7 @@ def test_sampling_quality_reads_the_splits_the_model_trained_on(ray_session, tmp
     want_train, want_labels = load_split_tensor(splits["train"])
     assert torch.equal(train_x, want_train) and torch.equal(train_y, want_labels)
     assert torch.equal(test_x, load_split_tensor(splits["test"])[0]) and len(test_x) + len(train_x) == 20
-    assert source == f"the ingest splits in {Path(splits['train']).parent}"
+    assert source == f"the ingest splits {splits['train']} and {splits['test']}"
     explicit = load_data(parse_args(["--model-uri", "m", "--splits", str(Path(splits["test"]).parent)]), 8)
     assert torch.equal(explicit[2], test_x)
 
@@ -130,5 +135,5 @@ def test_sampling_quality_reads_the_splits_the_model_trained_on(ray_session, tmp
     assert "seeded 80/20 split (seed 0; a model trained on other splits" in load_data(args, 8, untracked)[3]
     with pytest.raises(SystemExit, match="model samples 16×16"):
         load_data(args, 16, model)
-    with pytest.raises(SystemExit, match=r"splits .*: no train or test split directory there"):
+    with pytest.raises(SystemExit, match=r"no split directory .*/train or .*/test \(an ingest stage's output"):
         load_data(parse_args(["--model-uri", "m", "--splits", str(tmp_path)]), 8)
