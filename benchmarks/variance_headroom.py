@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from diffusion.losses import LN2, discretized_gaussian_log_likelihood, normal_kl, prior_bpd
-from diffusion.parameterization import model_prediction
+from diffusion.parameterization import log_variance_from_frac, model_prediction
 from diffusion.process import model_timesteps, q_posterior, q_sample
 
 LEVELS = 34  # bins of x̂_0 over [−1 − 1/16, 1 + 1/16]: two per grey level of the 17-level digits
@@ -75,11 +75,12 @@ def best_kl_log_variances(true_mean, true_logvar, mean, lo, hi, levels: torch.Te
 def best_decoder_nll(x0: torch.Tensor, mean: torch.Tensor, lo: float, hi: float, levels: torch.Tensor
                      ) -> dict[str, float]:
     """min over a log σ² grid of the decoder's −log p(x_0 | x_1) in bits/dim per row of ROWS (the optimum rows)."""
-    grids = {"eq. 15": torch.linspace(lo, hi, 41), "free": torch.cat([DECODER_GRID, torch.linspace(lo, hi, 41)])}
+    in_interval = torch.linspace(lo, hi, 41)
+    grid = torch.cat([in_interval, DECODER_GRID])  # the first 41 values are eq. 15's, all of them the free ones
+    every = torch.stack([-discretized_gaussian_log_likelihood(x0, mean, torch.full_like(x0, 0.5 * float(v))) / LN2
+                         for v in grid]).double()  # [G, B, C, H, W]
     out = {}
-    for scope, grid in grids.items():
-        nll = torch.stack([-discretized_gaussian_log_likelihood(x0, mean, torch.full_like(x0, 0.5 * float(v))) / LN2
-                           for v in grid]).double()  # [G, B, C, H, W]
+    for scope, nll in {"eq. 15": every[:in_interval.numel()], "free": every}.items():
         per_level = torch.stack([torch.zeros(LEVELS, dtype=torch.float64).index_add_(0, levels.flatten(), g.flatten())
                                  for g in nll])  # [G, LEVELS] sums
         out[f"best per t ({scope})"] = float(nll.mean(dim=(1, 2, 3, 4)).min())
@@ -106,8 +107,8 @@ def variance_headroom(model: torch.nn.Module, x0: torch.Tensor, seed: int = 0) -
                                 model.learn_variance)
         mean, _, _ = q_posterior(sched, pred.x0, x_t, t)
         true_mean, _, true_logvar = q_posterior(sched, x0, x_t, t)
-        small = sched.to_tensor("posterior_log_variance_clipped", t, x0.ndim, torch.float64).float()
-        large = torch.log(sched.to_tensor("betas", t, x0.ndim, torch.float64)).float()
+        ends = torch.ones(x0.shape[0], 1, 1, 1)
+        small, large = (log_variance_from_frac(sched, t, v) for v in (-ends, ends))  # eq. 15 at frac 0 and 1
         lo, hi = torch.minimum(small, large), torch.maximum(small, large)
         own = small.expand_as(mean) if pred.log_variance is None else pred.log_variance
         levels = level_bins(pred.x0)

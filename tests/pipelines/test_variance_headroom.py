@@ -47,7 +47,7 @@ def test_rows_order_and_the_model_row_is_the_evaluate_stage_bound(tmp_path):
     for scope in ("eq. 15", "free"):
         chain = [rows[f"best per {name} ({scope})"] for name in ("t", "level", "pixel")]
         assert chain[0] >= chain[1] >= chain[2] > 0
-        assert rows["fixed β̃"] >= rows["best per t (eq. 15)"] - 1e-9  # β̃ is inside eq. 15's interval
+    assert rows["fixed β̃"] >= rows["best per t (eq. 15)"] - 1e-9  # β̃ is inside eq. 15's interval
     for name in ("t", "level", "pixel"):
         assert rows[f"best per {name} (free)"] <= rows[f"best per {name} (eq. 15)"] + 1e-9
     assert rows["best per pixel (free)"] < rows["model"]
