@@ -21,7 +21,8 @@ class StageKind:
                  imported, so a pipeline of ingest alone needs no torch model code)
     inputs       role → the kinds that can fill it; the runner fills each role from the nearest upstream stage of
                  one of those kinds (direct needs first, then their ancestors)
-    code         modules and packages whose source text is the stage's code version (part of its cache key)
+    version      what the kind's outputs mean for given parameters and inputs (part of its cache key): bump it when a
+                 change to the kind's code (or to the library it calls) makes the same inputs give different outputs
     run          the function executed in the stage's Ray task: run(ctx) -> StageResult
     resources    defaults for the stage task's `resources:`
     owns_run     True when `run` creates its own MLflow run (nested under ctx.parent_run_id) and returns its id
@@ -32,7 +33,7 @@ class StageKind:
     params: str
     run: Callable[["StageContext"], "StageResult"]
     inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    code: tuple[str, ...] = ()
+    version: str = "1"
     resources: dict[str, float] = field(default_factory=dict)
     owns_run: bool = False
     restore: Callable[["StageContext", "StageRecord"], "StageRecord"] | None = None

@@ -67,5 +67,5 @@ def restore(ctx: StageContext, record: StageRecord) -> StageRecord:
 
 
 KIND = StageKind(name="deploy", params="pipelines.deploy.config:DeployConfig", run=run,
-                 inputs={"model": ("register", "train", "sweep")}, code=("services",), resources={"num_cpus": 0},
+                 inputs={"model": ("register", "train", "sweep")}, version="1", resources={"num_cpus": 0},
                  restore=restore)

@@ -237,5 +237,5 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-KIND = StageKind(name="ingest", params="pipelines.ingest.config:IngestConfig", run=run, code=("pipelines.ingest",),
+KIND = StageKind(name="ingest", params="pipelines.ingest.config:IngestConfig", run=run, version=CODE_VERSION,
                  resources={"num_cpus": 0})

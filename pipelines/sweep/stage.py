@@ -283,4 +283,4 @@ def _tags(values: dict[str, str | None]):
 
 
 KIND = StageKind(name="sweep", params="pipelines.sweep.config:SweepConfig", run=run, inputs={"data": ("ingest",)},
-                 code=("pipelines.sweep", "pipelines.train", "diffusion"), resources={"num_cpus": 0}, owns_run=True)
+                 version="1", resources={"num_cpus": 0}, owns_run=True)

@@ -186,4 +186,4 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind(name="train", params="pipelines.train.config:TrainConfig", run=run, inputs={"data": ("ingest",)},
-                 code=("pipelines.train", "diffusion"), resources={"num_cpus": 0}, owns_run=True)
+                 version="1", resources={"num_cpus": 0}, owns_run=True)

@@ -1,49 +1,36 @@
 """Cache keys (code version, parameters, input content) and the storage records live in."""
 
-import importlib
-import sys
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipelines import cache
-from pipelines.cache import code_version, read_record, stage_key, write_record
+from pipelines.cache import read_record, stage_key, write_record
 from pipelines.hashing import hash_files, hash_json
+from pipelines.kinds import load_kind
 from pipelines.stage import StageKind, StageRecord
 from pipelines.storage import Storage, is_remote
 
 
-def _kind(module: str) -> StageKind:
-    return StageKind(name="k", params="x:y", run=lambda ctx: None, code=(module,))
+def _kind(version: str = "1") -> StageKind:
+    return StageKind(name="k", params="x:y", run=lambda ctx: None, version=version)
 
 
-def test_code_version_follows_the_source_text(tmp_path, monkeypatch):
-    (tmp_path / "stage_code_probe.py").write_text("VALUE = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
-    kind = _kind("stage_code_probe")
-    before = code_version(kind)
-    assert code_version(kind) == before
-    (tmp_path / "stage_code_probe.py").write_text("VALUE = 2\n")
-    cache._source_files.cache_clear()
-    assert code_version(kind) != before
-    sys.modules.pop("stage_code_probe", None)
-
-
-def test_code_version_of_a_package_covers_all_its_modules():
-    kind = _kind("pipelines.runner")
-    files = {p.name for p in cache._source_files("pipelines.runner")}
-    assert {"__init__.py", "execute.py", "task.py", "runs.py"} <= files
-    assert len(code_version(kind)) == 64
+def test_stage_key_follows_the_declared_version_not_the_source_text():
+    """Only a bumped version changes a key; the library's source text (comments included) is no part of it."""
+    key = stage_key(_kind(), {"steps": 10}, {"ingest": "abc"})
+    assert stage_key(_kind("2"), {"steps": 10}, {"ingest": "abc"}) != key
+    for kind in ("train", "evaluate", "sweep", "ingest", "register", "deploy"):
+        assert not hasattr(load_kind(kind), "code"), kind
+        assert isinstance(load_kind(kind).version, str) and load_kind(kind).version
 
 
 def test_stage_key_changes_with_params_and_input_content_only():
-    kind = _kind("pipelines.cache")
+    kind = _kind()
     key = stage_key(kind, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abc"})
     assert stage_key(kind, {"model": {"preset": "tiny"}, "steps": 10}, {"ingest": "abc"}) == key  # order-free
     assert stage_key(kind, {"steps": 11, "model": {"preset": "tiny"}}, {"ingest": "abc"}) != key
     assert stage_key(kind, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abd"}) != key
-    other = StageKind(name="other", params="x:y", run=kind.run, code=kind.code)
+    other = StageKind(name="other", params="x:y", run=kind.run, version=kind.version)
     assert stage_key(other, {"steps": 10, "model": {"preset": "tiny"}}, {"ingest": "abc"}) != key
 
 
