@@ -1,14 +1,11 @@
 """Cache keys (code version, parameters, input content) and the storage records live in."""
 
-from urllib.parse import urlparse
-
-import pyarrow.fs as pafs
-
 from pipelines.cache import read_record, stage_key, write_record
 from pipelines.hashing import hash_files, hash_json
 from pipelines.kinds import load_kind
 from pipelines.stage import StageKind, StageRecord
 from pipelines.storage import Storage, is_remote
+from tests.conftest import s3_bucket
 
 
 def _kind(version: str = "1") -> StageKind:
@@ -72,17 +69,16 @@ def test_relative_and_file_roots_become_absolute(tmp_path, monkeypatch):
     assert is_remote("s3://bucket/p") and not is_remote("/a/b") and not is_remote("file:///a")
 
 
-def test_remote_roots_publish_and_download(tmp_path, monkeypatch):
-    """An object store stand-in: s3:// paths mapped onto a local directory through pyarrow's SubTreeFileSystem."""
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    fake = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
-    monkeypatch.setattr(Storage, "_fs", lambda self, uri: (fake, urlparse(uri).netloc + urlparse(uri).path) if is_remote(uri)
-                        else (pafs.LocalFileSystem(), uri))
+def test_remote_roots_publish_and_download(tmp_path, monkeypatch, s3_server):
+    """A real S3 API (moto's server on loopback): publish a stage, write its record, localize a split."""
+    endpoint, credentials = s3_server
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    storage = Storage("s3://bucket/pipes?endpoint_override=127.0.0.1:9000")
+    bucket = s3_bucket(endpoint, "cache-test")
+    storage = Storage(bucket.replace("cache-test?", "cache-test/pipes?"))
     uri = storage.uri("stages", "ingest-abc")
-    assert uri == "s3://bucket/pipes/stages/ingest-abc?endpoint_override=127.0.0.1:9000"
+    assert uri == f"s3://cache-test/pipes/stages/ingest-abc?endpoint_override={endpoint}&scheme=http&region=us-east-1"
     work = storage.work_dir(uri)
     assert str(work).startswith(str(tmp_path / "cache"))
     (work / "train").mkdir(parents=True)
