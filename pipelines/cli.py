@@ -15,6 +15,7 @@ called with the subparsers object.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -101,39 +102,68 @@ def summary(result) -> list[str]:
     return lines
 
 
+def _console(spec, args: argparse.Namespace):
+    """The live display (a terminal) or plain lines (a pipe, a file), Ray's own output in a log file; None with
+    --verbose, which prints everything as it comes."""
+    if args.verbose:
+        return None
+    from pipelines.console import Console, log_path
+    from pipelines.dag import stage_order
+    from pipelines.stage_board import StageBoard
+    from pipelines.storage import Storage
+
+    storage = Storage(spec.storage.root)
+    stages = [(name, spec.stages[name].kind, len(spec.stages[name].params_json().get("samplers") or []))
+              for name in stage_order(spec)]
+    live = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    return Console(StageBoard(stages), log_path(storage.work_dir(storage.uri()), spec.name), live=live)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline, then serve its endpoint until SIGINT/SIGTERM when it started a local Ray. A signal during the
     run marks the MLflow runs KILLED (the next run resumes) and exits 128 + signal; one while serving exits 0."""
+    spec = _load(args)
+    console = _console(spec, args)
+    if console is None:
+        return _run(spec, args, lambda text, err=False: print(text, file=sys.stderr if err else sys.stdout, flush=True),
+                    None, lambda: None)
+    with console.running():
+        return _run(spec, args, console.say, console.stage, console.stop_display)
+
+
+def _run(spec, args: argparse.Namespace, say, on_stage, end_display) -> int:
     from pipelines.runner.execute import PipelineFailed, Runner
 
-    spec = _load(args)
-    runner = Runner(spec, no_cache=args.no_cache)
+    runner = Runner(spec, no_cache=args.no_cache, log=say, on_stage=on_stage)
     with stop_on_signals() as received:
         try:
             result = runner.run()
         except PipelineFailed as failure:
-            print(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}", file=sys.stderr)
-            print(f"  run id    {failure.result.run_id}\n  MLflow    {failure.result.mlflow_url}", file=sys.stderr)
+            end_display()
+            say(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}\n  run id    {failure.result.run_id}\n"
+                f"  MLflow    {failure.result.mlflow_url}", err=True)
+            shutdown_ray(stop_serve=False)
             return 1
         except KeyboardInterrupt:
+            end_display()
             signum = received[0] if received else signal.SIGINT
-            print(f"[raydiff] {signal.Signals(signum).name}: pipeline {spec.name!r} stopped, its MLflow runs marked "
-                  "KILLED; run it again to resume", file=sys.stderr, flush=True)
+            say(f"[raydiff] {signal.Signals(signum).name}: pipeline {spec.name!r} stopped, its MLflow runs marked "
+                "KILLED; run it again to resume", err=True)
             shutdown_ray(stop_serve=False)
             return 128 + signum
+        end_display()
         endpoints = result.values_of_kind("deploy", "url")
         serving = bool(endpoints) and runner.started_ray and not args.no_serve_wait
         try:
-            print("\n".join(summary(result)), flush=True)
+            say("\n".join(summary(result)))
             if serving:
-                print(f"[raydiff] serving {endpoints[0]} from this process's Ray instance; Ctrl-C stops it "
-                      "(--no-serve-wait exits right after deploying)", flush=True)
+                say(f"[raydiff] serving {endpoints[0]} from this process's Ray instance; Ctrl-C stops it "
+                    "(--no-serve-wait exits right after deploying)")
                 while True:
                     time.sleep(3600)
         except KeyboardInterrupt:
-            print(f"[raydiff] {signal.Signals(received[0] if received else signal.SIGINT).name}: stopping", flush=True)
-        if serving:
-            shutdown_ray(stop_serve=True)
+            say(f"[raydiff] {signal.Signals(received[0] if received else signal.SIGINT).name}: stopping")
+        shutdown_ray(stop_serve=serving)  # now, not at exit: Ray's last relayed lines still reach the console's log
     return 0
 
 
@@ -234,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every stage")
     run.add_argument("--no-serve-wait", action="store_true",
                      help="exit after deploying instead of serving until Ctrl-C (a local Ray ends with this process)")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="print Ray's own output here too (default: in a log file under the storage root)")
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="run a pipeline on a Ray cluster through the Ray Jobs API")

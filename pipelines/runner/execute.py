@@ -26,6 +26,7 @@ from pipelines.runner import runs
 from pipelines.runner.task import TaskInfo, restore_stage_task, run_stage_task
 from pipelines.spec import PipelineSpec
 from pipelines.stage import StageRecord
+from pipelines.stage_board import stage_line
 from pipelines.storage import Storage
 from pipelines.tracking import ensure_experiment, resolve_tracking_uri
 
@@ -94,9 +95,15 @@ def keep_signal_handlers() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+StageEvents = Callable[[str, str, str, "dict | None"], None]  # (stage, status, detail, its record's values)
+
+
 class Runner:
-    def __init__(self, spec: PipelineSpec, no_cache: bool = False, log: Callable[[str], None] = print):
-        self.spec, self.no_cache, self.log = spec, no_cache, log
+    """`log` receives the pipeline's lines; `on_stage`, when given, receives each stage event instead of its line."""
+
+    def __init__(self, spec: PipelineSpec, no_cache: bool = False, log: Callable[[str], None] = print,
+                 on_stage: StageEvents | None = None):
+        self.spec, self.no_cache, self.log, self.on_stage = spec, no_cache, log, on_stage
         self.tracking_uri = resolve_tracking_uri(spec.tracking.uri)
         self.storage = Storage(spec.storage.root)
         self.client = MlflowClient(self.tracking_uri)
@@ -110,8 +117,11 @@ class Runner:
         if not ray.is_initialized():
             self.started_ray = connect_ray(self.spec)
 
-    def say(self, stage: str, status: str, detail: str = "") -> None:
-        self.log(f"[raydiff] {stage:<10} {status:<8} {detail}".rstrip())
+    def say(self, stage: str, status: str, detail: str = "", values: dict | None = None) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, status, detail, values)
+        else:
+            self.log(stage_line(stage, status, detail))
 
     def run(self) -> PipelineResult:
         start = time.perf_counter()
@@ -249,7 +259,7 @@ class Runner:
         self.client.set_tag(run_id, "raydiff.output_uri", record.uri)
         self.client.set_terminated(run_id, status="FINISHED")
         result.records[name], result.status[name] = record, "cached"
-        self.say(name, "cached", f"key {info.key[:12]} -> {record.uri}")
+        self.say(name, "cached", f"key {info.key[:12]} -> {record.uri}", record.values)
 
     def _finish(self, job: dict, ref: ray.ObjectRef, running: dict, result: PipelineResult) -> None:
         name, stage = job["name"], self.spec.stages[job["name"]]
@@ -281,7 +291,7 @@ class Runner:
             if not owns_run:
                 self.client.set_terminated(run_id, status="FINISHED")
         result.records[name], result.status[name] = record, "done"
-        self.say(name, "done", f"{seconds:.1f}s -> {record.uri}")
+        self.say(name, "done", f"{seconds:.1f}s -> {record.uri}", record.values)
 
 
 def _stage_error(error: BaseException) -> str:
