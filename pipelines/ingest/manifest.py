@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -56,3 +57,29 @@ def verify_shards(split_dir: str | Path) -> dict:
             raise ShardIntegrityError(f"shard {path} is corrupt or was modified: sha256 {actual}, "
                                       f"manifest expects {shard['sha256']}")
     return manifest
+
+
+def verify_stored_shards(split_uri: str) -> tuple[dict, list[str]]:
+    """The manifest of a split in (possibly remote) storage and its shards' paths on that storage's filesystem, every
+    shard's sha256 checked by streaming it from storage. Raises like verify_shards."""
+    from pipelines.storage import Storage, filesystem, join_uri
+
+    manifest = Storage(split_uri).read_json(join_uri(split_uri, MANIFEST))
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{join_uri(split_uri, MANIFEST)} is missing or not a {FORMAT} manifest")
+    fs, root = filesystem(split_uri)
+    paths = []
+    for shard in manifest["shards"]:
+        path = f"{root.rstrip('/')}/{shard['file']}"
+        digest = hashlib.sha256()
+        try:
+            with fs.open_input_stream(path) as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            raise ShardIntegrityError(f"shard {shard['file']} listed in {split_uri} is missing") from None
+        if digest.hexdigest() != shard["sha256"]:
+            raise ShardIntegrityError(f"shard {shard['file']} of {split_uri} is corrupt or was modified: sha256 "
+                                      f"{digest.hexdigest()}, manifest expects {shard['sha256']}")
+        paths.append(path)
+    return manifest, paths

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.ingest.manifest import ManifestError, load_manifest, verify_shards
+from pipelines.ingest.manifest import ManifestError, load_manifest, verify_shards, verify_stored_shards
 
 _VERIFIED: set[tuple] = set()  # (manifest path, shard stats) already hashed in this process
 
@@ -241,18 +241,24 @@ def _ray_rows(batch: dict) -> dict:
     return {"image": images, "label": labels}
 
 
-def ray_image_dataset(split_dir: str | Path):
+def ray_image_dataset(split_uri: str | Path):
     """The split as a `ray.data.Dataset` with columns "image" (float32 [C, H, W] in [−1, 1]) and "label" (int64).
 
-    Reads with `ray.data.read_webdataset` (one read task per shard) after checking the shards' sha256.
+    Reads with `ray.data.read_webdataset` (one read task per shard, on any node) after checking the shards' sha256;
+    a split in remote storage is read from there, never from one node's disk.
     """
     import ray
 
-    split_dir = Path(split_dir).resolve()
-    manifest = _verify_once(split_dir)
+    from pipelines.storage import filesystem, is_remote
+
+    if is_remote(str(split_uri)):
+        manifest, paths = verify_stored_shards(str(split_uri))
+        fs = filesystem(str(split_uri))[0]
+    else:
+        manifest, paths, fs = _verify_once(Path(split_uri).resolve()), shard_urls(split_uri), None
     if not manifest["shards"]:
-        raise ValueError(f"split {split_dir} holds no shards (0 samples)")
-    ds = ray.data.read_webdataset(shard_urls(split_dir), decoder=None, suffixes=["png", "cls"])
+        raise ValueError(f"split {split_uri} holds no shards (0 samples)")
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["png", "cls"])
     return ds.map_batches(_ray_rows, batch_format="numpy", batch_size=256)
 
 

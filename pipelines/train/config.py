@@ -79,6 +79,9 @@ class TrainConfig(StrictConfig):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="PACK", description="how Ray places the workers' bundles; STRICT_SPREAD = one worker per node")
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each "
+                                                    "training worker needs besides its CPUs/GPU (e.g. {trainer: 1} "
+                                                    "to place workers on the nodes that advertise it)")
     lr: float = Field(default=2e-4, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     warmup_steps: int = Field(default=5000, ge=0)
@@ -101,6 +104,9 @@ class TrainConfig(StrictConfig):
     sample_ddpm_steps: PositiveInt | None = Field(default=None, description="respaced DDPM steps for grids; None = all T")
     sample_ddim_steps: PositiveInt = 50
     max_failures: int = Field(default=2, ge=-1)
+    system_metrics_interval_s: float = Field(default=10.0, ge=0.0, description="seconds between MLflow system "
+                                             "metrics samples of each training node (CPU, memory, disk, network, "
+                                             "GPU); 0 = off")
     objective: Literal["l_simple", "l_hybrid", "l_vlb"] = Field(
         default="l_simple", description="l_simple (Ho et al. eq. 14) | l_hybrid (+ λ L_vlb, λ = 0.001, learned "
         "variance) | l_vlb (importance-sampled t); diffusion.objectives")

@@ -16,6 +16,7 @@ import socket
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,21 +32,23 @@ from diffusion.guidance import drop_labels
 from diffusion.objectives import ImportanceSampler, training_losses
 from diffusion.packaged import DiffusionModel, build_schedule
 from diffusion.unet import UNet, UNetConfig
+from pipelines.storage import localize
 from pipelines.train.checkpoint import load_state, save_state, step_seed
 from pipelines.train.config import TrainConfig
 from pipelines.train.monitor import heldout_elbo, memory_metrics, sample_grids
 
 
-def batches_per_epoch(cfg: TrainConfig, train_dir: str, rank: int, world: int,
+def batches_per_epoch(cfg: TrainConfig, train_uri: str, rank: int, world: int,
                       batch: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """epoch → this worker's (images [batch, C, H, W] float32 in [−1, 1], labels [batch] int64, −1 = unknown) for
     that epoch, a disjoint subset per rank.
 
-    One loader serves every epoch, so the webdataset loader's decoded-shard cache lasts the whole run."""
+    The webdataset loader reads the split localized on this worker's own node (downloaded once per node when the
+    split lives in remote storage). One loader serves every epoch, so its decoded-shard cache lasts the whole run."""
     if cfg.loader == "webdataset":
         from pipelines.ingest.reader import WebDatasetBatches, shard_urls
 
-        loader = WebDatasetBatches(shard_urls(train_dir), batch, seed=cfg.seed, rank=rank, world_size=world,
+        loader = WebDatasetBatches(shard_urls(localize(train_uri)), batch, seed=cfg.seed, rank=rank, world_size=world,
                                    drop_last=True, cache_mb=cfg.loader_cache_mb)
 
         def webdataset_epoch(epoch: int) -> Iterator[torch.Tensor]:
@@ -58,8 +61,8 @@ def batches_per_epoch(cfg: TrainConfig, train_dir: str, rank: int, world: int,
         batch_size=batch, drop_last=True, local_shuffle_buffer_size=4 * batch, local_shuffle_seed=cfg.seed + epoch))
 
 
-def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_mean(tensor: torch.Tensor) -> list[float]:
+    """The mean over ranks of a float64 vector (the one host sync of a logging interval)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
@@ -106,146 +109,226 @@ def placement_tags(placements: list[dict[str, str]]) -> list[RunTag]:
             RunTag("raydiff.num_nodes", str(len(set(node_ids))))]
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    cfg = TrainConfig.model_validate(loop_config["train"])
-    unet_config = UNetConfig.from_dict(loop_config["unet"])
-    run_id, tracking_uri = loop_config["mlflow_run_id"], loop_config["tracking_uri"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    per_worker_batch = cfg.batch_size // world
-    sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
-    class_names = loop_config.get("class_names")
-    t_sampler = ImportanceSampler(sched.num_timesteps) if cfg.objective == "l_vlb" else None
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+@dataclass
+class Trainer:
+    """One worker's training state: the network, its DDP wrapper, EMA, optimizer, LR schedule, the importance sampler of
+    t (objective l_vlb) and the position in the data (step, epoch, batch within the epoch)."""
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    cfg: TrainConfig
+    unet_config: UNetConfig
+    device: torch.device
+    unet: UNet
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    t_sampler: ImportanceSampler | None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state(self, class_names: list[str] | None) -> dict:
+        """Everything a checkpoint holds (tensors, numbers, strings: loadable with weights_only=True)."""
+        return {"model": self.unet.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "train_config": self.cfg.model_dump(mode="json"),
+                "unet_config": self.unet_config.to_dict(), "class_names": class_names,
+                **({"t_sampler": self.t_sampler.state_dict()} if self.t_sampler is not None else {})}
+
+    def restore(self, state: dict) -> None:
+        self.unet.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        if self.t_sampler is not None and "t_sampler" in state:
+            self.t_sampler.load_state_dict(state["t_sampler"])
+
+
+def build_trainer(cfg: TrainConfig, unet_config: UNetConfig, num_timesteps: int) -> Trainer:
+    """A fresh Trainer on this worker's device (identical initial weights on every rank), restored from Ray Train's
+    latest checkpoint when the run is resumed."""
+    device = ray.train.torch.get_device()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
     unet = UNet(unet_config).to(device=device, memory_format=memory_format)
-    ema = EMA(unet, cfg.ema_decay, cfg.ema.warmup)
     model = ray.train.torch.prepare_model(unet, move_to_device=False)
-    if cfg.compile:
-        model = torch.compile(model)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     warmup = max(cfg.warmup_steps, 1)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
-    step, epoch, batch_in_epoch = 0, 0, 0
+    trainer = Trainer(cfg, unet_config, device, unet, torch.compile(model) if cfg.compile else model,
+                      EMA(unet, cfg.ema_decay, cfg.ema.warmup), optimizer,
+                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)),
+                      ImportanceSampler(num_timesteps) if cfg.objective == "l_vlb" else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory, map_location=device)
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        if t_sampler is not None and "t_sampler" in state:
-            t_sampler.load_state_dict(state["t_sampler"])
+            trainer.restore(load_state(directory, map_location=device))
+    return trainer
 
-    placements = worker_placements(world)  # a collective: every rank takes part
-    client = MlflowClient(tracking_uri) if rank == 0 else None
-    if client is not None:
-        client.log_metric(run_id, "start_step", step, step=step)
-        client.log_batch(run_id, tags=placement_tags(placements))
-        print(f"[raydiff train] rank 0 of {world} starting at step {step}/{cfg.steps} on {device}", flush=True)
-    val_images = None
-    if rank == 0 and loop_config.get("val_dir"):
-        from pipelines.ingest.reader import load_split_tensor
 
-        val_images, _ = load_split_tensor(loop_config["val_dir"], limit=cfg.eval_batches * cfg.eval_batch_size)
+def train_step(tr: Trainer, sched, images: torch.Tensor, labels: torch.Tensor, rank: int, source: str,
+               autocast) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch (Ho et al. Alg. 1 with the config's objective); returns the step's metrics."""
+    cfg, device = tr.cfg, tr.device
+    torch.manual_seed(step_seed(cfg.seed, rank, tr.step))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    x0 = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    y = conditioning_labels(labels, tr.unet_config.num_classes, cfg.p_uncond, source)
+    y = None if y is None else y.to(device, non_blocking=True)
+    t, weights = tr.t_sampler.sample(x0.shape[0], device=device) if tr.t_sampler is not None else (None, None)
+    with autocast:
+        terms = training_losses(lambda x_t, t_in: tr.model(x_t, t_in, y) if y is not None else tr.model(x_t, t_in),
+                                sched, x0, t, weights=weights, objective=cfg.objective,
+                                prediction=cfg.model.prediction, learn_variance=tr.unet_config.learn_variance,
+                                loss_weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)
+        loss = terms["loss"].mean()
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), cfg.grad_clip)
+    tr.optimizer.step()
+    tr.lr_schedule.step()
+    tr.ema.update(tr.unet)
+    if tr.t_sampler is not None:  # every rank sees every rank's (t, L_t), so their p_t stay equal
+        tr.t_sampler.update(_all_gather(t), _all_gather(terms["vb"].detach().double()).cpu())
+    tr.step, tr.batch_in_epoch = tr.step + 1, tr.batch_in_epoch + 1
+    return {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
+            **{name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}}
 
-    def evaluate_and_log(tag_step: int) -> dict[str, float]:
-        """ELBO on held-out images and sample grids, with the EMA weights; artifacts go straight to MLflow."""
-        metrics: dict[str, float] = {}
-        ema_model = DiffusionModel(ema.averaged, cfg.schedule.name, cfg.schedule.num_timesteps,
-                                   prediction=cfg.model.prediction, zero_terminal_snr=cfg.schedule.zero_terminal_snr,
-                                   class_names=class_names)
-        with tempfile.TemporaryDirectory() as directory:
-            out_dir = Path(directory)
-            if val_images is not None and val_images.shape[0] > 0:
-                plot = out_dir / f"vb_per_t_step{tag_step}.png"
-                metrics = heldout_elbo(ema_model, val_images, cfg.eval_batch_size, plot, seed=cfg.seed)
-                client.log_artifact(run_id, str(plot), "elbo")
-            for path in sample_grids(ema_model, cfg.sample_grid, cfg.sample_ddpm_steps, cfg.sample_ddim_steps,
-                                     out_dir, f"step{tag_step}", seed=cfg.seed):
-                client.log_artifact(run_id, str(path), "samples")
+
+def evaluate_and_log(tr: Trainer, client: MlflowClient, run_id: str, val_images: torch.Tensor | None,
+                     class_names: list[str] | None) -> dict[str, float]:
+    """ELBO on held-out images and sample grids, with the EMA weights; artifacts go straight to MLflow."""
+    cfg, metrics = tr.cfg, {}
+    ema_model = DiffusionModel(tr.ema.averaged, cfg.schedule.name, cfg.schedule.num_timesteps,
+                               prediction=cfg.model.prediction, zero_terminal_snr=cfg.schedule.zero_terminal_snr,
+                               class_names=class_names)
+    with tempfile.TemporaryDirectory() as directory:
+        out_dir = Path(directory)
+        if val_images is not None and val_images.shape[0] > 0:
+            plot = out_dir / f"vb_per_t_step{tr.step}.png"
+            metrics = heldout_elbo(ema_model, val_images, cfg.eval_batch_size, plot, seed=cfg.seed)
+            client.log_artifact(run_id, str(plot), "elbo")
+        for path in sample_grids(ema_model, cfg.sample_grid, cfg.sample_ddpm_steps, cfg.sample_ddim_steps,
+                                 out_dir, f"step{tr.step}", seed=cfg.seed):
+            client.log_artifact(run_id, str(path), "samples")
+    return metrics
+
+
+def report_checkpoint(tr: Trainer, rank: int, metrics: dict[str, float], class_names: list[str] | None) -> float:
+    """Every rank reports; rank 0 alone attaches the checkpoint (Ray Train uploads it to the run's storage).
+    Returns the seconds the report took (on rank 0: saving and uploading the checkpoint)."""
+    start = time.perf_counter()
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as directory:
+        save_state(directory, tr.state(class_names))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    return time.perf_counter() - start
+
+
+class IntervalMetrics:
+    """Step metrics summed on the device (no host sync per step), averaged over ranks every `log_every` steps."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        self.sums = {name: self.sums.get(name, 0.0) + value.double() for name, value in values.items()}
+        self.steps += 1
+
+    def reduce(self, tr: Trainer) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        means = dict(zip(self.sums, _all_reduce_mean(torch.stack(list(self.sums.values())) / self.steps)))
+        metrics = {**{("loss_vb_bpd" if k == "vb" else k): v for k, v in means.items()},
+                   "lr": tr.lr_schedule.get_last_lr()[0], "images_per_s": self.steps * tr.cfg.batch_size / elapsed,
+                   "epoch": tr.epoch, **memory_metrics(tr.device)}
+        self.__init__()
         return metrics
 
-    def report_checkpoint(metrics: dict[str, float]) -> None:
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_state(directory, {
-                "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "train_config": cfg.model_dump(mode="json"),
-                "unet_config": unet_config.to_dict(), "class_names": class_names,
-                **({"t_sampler": t_sampler.state_dict()} if t_sampler is not None else {}),
-            })
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    epoch_images = batches_per_epoch(cfg, loop_config["train_dir"], rank, world, per_worker_batch)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    sums, interval_steps, interval_start = {}, 0, time.perf_counter()
-    model.train()
-    while step < cfg.steps:
-        batches = itertools.islice(epoch_images(epoch), batch_in_epoch, None)
-        consumed_any = False
-        for images, labels in batches:
-            consumed_any = True
-            torch.manual_seed(step_seed(cfg.seed, rank, step))
-            x0 = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            y = conditioning_labels(labels, unet_config.num_classes, cfg.p_uncond, loop_config["train_dir"])
-            y = None if y is None else y.to(device, non_blocking=True)
-            t, weights = t_sampler.sample(x0.shape[0], device=device) if t_sampler is not None else (None, None)
-            with autocast:
-                terms = training_losses(lambda x_t, t_in: model(x_t, t_in, y) if y is not None else model(x_t, t_in),
-                                        sched, x0, t, weights=weights, objective=cfg.objective,
-                                        prediction=cfg.model.prediction, learn_variance=unet_config.learn_variance,
-                                        loss_weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)
-                loss = terms["loss"].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            optimizer.step()
-            lr_schedule.step()
-            ema.update(unet)
-            if t_sampler is not None:  # every rank sees every rank's (t, L_t), so their p_t stay equal
-                t_sampler.update(_all_gather(t), _all_gather(terms["vb"].detach().double()).cpu())
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            interval_steps += 1
-            step_values = {"loss": loss.item(), "grad_norm": grad_norm.item(),
-                           **{name: terms[name].mean().item() for name in ("mse", "vb") if name in terms}}
-            sums = {name: sums.get(name, 0.0) + value for name, value in step_values.items()}
+def _validation_images(loop_config: dict, cfg: TrainConfig, rank: int) -> torch.Tensor | None:
+    if rank != 0 or not loop_config.get("val_uri"):
+        return None
+    from pipelines.ingest.reader import load_split_tensor
 
-            metrics: dict[str, float] = {}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - interval_start
-                means = dict(zip(sums, _all_reduce_mean([v / interval_steps for v in sums.values()], device)))
-                metrics = {**{("loss_vb_bpd" if k == "vb" else k): v for k, v in means.items()},
-                           "lr": lr_schedule.get_last_lr()[0],
-                           "images_per_s": interval_steps * cfg.batch_size / elapsed, "epoch": epoch,
-                           **memory_metrics(device)}
-                sums, interval_steps, interval_start = {}, 0, time.perf_counter()
-                if client is not None:
-                    print(f"[raydiff train] step {step}/{cfg.steps} loss {means['loss']:.4f} "
-                          f"{metrics['images_per_s']:.0f} img/s", flush=True)
-            if client is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                model.eval()
-                metrics.update(evaluate_and_log(step))
-                model.train()
-            if client is not None and metrics:
-                now = int(time.time() * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                report_checkpoint({"step": step, **metrics})
-            if step >= cfg.steps:
-                break
-        else:
-            if not consumed_any and batch_in_epoch == 0:
-                raise RuntimeError(f"worker {rank} got no full batch of {per_worker_batch} images from "
-                                   f"{loop_config['train_dir']}: use a smaller batch_size or fewer workers")
-            epoch, batch_in_epoch = epoch + 1, 0
+    return load_split_tensor(localize(loop_config["val_uri"]), limit=cfg.eval_batches * cfg.eval_batch_size)[0]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig.model_validate(loop_config["train"])
+    unet_config = UNetConfig.from_dict(loop_config["unet"])
+    run_id, class_names, source = loop_config["mlflow_run_id"], loop_config.get("class_names"), loop_config["train_uri"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
+    tr = build_trainer(cfg, unet_config, sched.num_timesteps)
+    placements = worker_placements(world)  # a collective: every rank takes part
+    client = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
+    if client is not None:
+        client.log_metric(run_id, "start_step", tr.step, step=tr.step)
+        client.log_batch(run_id, tags=placement_tags(placements))
+        print(f"[raydiff train] rank 0 of {world} starting at step {tr.step}/{cfg.steps} on {tr.device}", flush=True)
+    val_images = _validation_images(loop_config, cfg, rank)
+    epoch_images = batches_per_epoch(cfg, source, rank, world, cfg.batch_size // world)
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and tr.device.type == "cuda")
+    autocast = torch.autocast(tr.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    interval = IntervalMetrics()
+    monitor = node_system_metrics(cfg, run_id, loop_config["tracking_uri"], ctx.get_local_rank())
+    tr.model.train()
+    try:
+        while tr.step < cfg.steps:
+            consumed_any = False
+            for images, labels in itertools.islice(epoch_images(tr.epoch), tr.batch_in_epoch, None):
+                consumed_any = True
+                interval.add(train_step(tr, sched, images, labels, rank, source, autocast))
+                _after_step(tr, interval, client, run_id, rank, val_images, class_names)
+                if tr.step >= cfg.steps:
+                    break
+            else:
+                if not consumed_any and tr.batch_in_epoch == 0:
+                    raise RuntimeError(f"worker {rank} got no full batch of {cfg.batch_size // world} images from "
+                                       f"{source}: use a smaller batch_size or fewer workers")
+                tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _after_step(tr: Trainer, interval: IntervalMetrics, client: MlflowClient | None, run_id: str, rank: int,
+                val_images: torch.Tensor | None, class_names: list[str] | None) -> None:
+    """Log every `log_every` steps, evaluate every `eval_every`, checkpoint every `checkpoint_every` (and at the end)."""
+    cfg, step, last = tr.cfg, tr.step, tr.step == tr.cfg.steps
+    metrics: dict[str, float] = {}
+    if step % cfg.log_every == 0 or last:
+        metrics = interval.reduce(tr)
+        if client is not None:
+            print(f"[raydiff train] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
+                  f"{metrics['images_per_s']:.0f} img/s", flush=True)
+    if client is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        tr.model.eval()
+        metrics.update(evaluate_and_log(tr, client, run_id, val_images, class_names))
+        tr.model.train()
+    if client is not None and metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    if step % cfg.checkpoint_every == 0 or last:
+        seconds = report_checkpoint(tr, rank, {"step": step, **metrics}, class_names)
+        if client is not None:
+            client.log_metric(run_id, "checkpoint_seconds", seconds, step=step)
+
+
+def node_system_metrics(cfg: TrainConfig, run_id: str, tracking_uri: str, local_rank: int):
+    """MLflow system metrics (CPU, memory, disk, network; GPU where a monitor library is present) of this worker's
+    node, one series per node (`system/<node>/…`), logged by the node's first worker; None when turned off."""
+    if local_rank != 0 or not cfg.system_metrics_interval_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    node = ray.get_runtime_context().get_node_id()[:8]
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s, resume_logging=True,
+                                   node_id=f"node-{node}", tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
