@@ -34,41 +34,11 @@ def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns.db'}"
 
 
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 HTTP API on 127.0.0.1: moto's server process. Yields (endpoint host:port, credentials env).
+    """A real S3 HTTP API on 127.0.0.1 (moto's server process). Yields (endpoint "HOST:PORT", credentials env);
+    `tests.s3server.s3_bucket(endpoint, name)` creates a bucket."""
+    from tests.s3server import CREDENTIALS, moto_server
 
-    `s3_bucket(endpoint, name)` creates a bucket; URIs name the endpoint in their query
-    (s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http&region=us-east-1) or through AWS_ENDPOINT_URL."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    port = free_port()
-    process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 30
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if process.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"moto_server did not start on port {port} (exit code {process.poll()})")
-        time.sleep(0.2)
-    yield f"127.0.0.1:{port}", dict(S3_CREDENTIALS)
-    process.terminate()
-    process.wait(timeout=10)
-
-
-def s3_bucket(endpoint: str, name: str) -> str:
-    """Create bucket `name` on the S3 endpoint; returns the URI of its root with the endpoint in the query."""
-    import pyarrow.fs as pafs
-
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True,
-                      access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                      secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).create_dir(name)
-    return f"s3://{name}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    with moto_server() as endpoint:
+        yield endpoint, dict(CREDENTIALS)

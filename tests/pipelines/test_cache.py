@@ -5,7 +5,7 @@ from pipelines.hashing import hash_files, hash_json
 from pipelines.kinds import load_kind
 from pipelines.stage import StageKind, StageRecord
 from pipelines.storage import Storage, is_remote
-from tests.conftest import s3_bucket
+from tests.s3server import s3_bucket
 
 
 def _kind(version: str = "1") -> StageKind:
