@@ -1,12 +1,12 @@
 """The `raydiff` command line.
 
-    raydiff run configs/local.yaml [--set train.steps=500] [--no-cache] [--no-serve-wait]
+    raydiff run configs/local.yaml [--set train.steps=500] [--no-cache] [--no-serve-wait] [--verbose]
     raydiff submit configs/cifar10-gpu.yaml --address http://HEAD:8265 [--no-wait]
     raydiff status [JOB] / raydiff logs JOB [--follow]
     raydiff dag configs/local.yaml [--format text|mermaid|png] [-o dag.png]
     raydiff ui [configs/local.yaml] [--port 5000]
     raydiff serve --model-uri models:/digits-ddpm@champion / raydiff sample --url http://127.0.0.1:8000
-    raydiff info
+    raydiff info / raydiff doctor
 
 Further commands (`serve`, `sample`) come from the entry-point group "raydiff.commands": each entry is a function
 called with the subparsers object.
@@ -72,6 +72,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name in PRESETS:
         print(f"U-Net preset {name!r}: {count_parameters(UNet(UNetConfig.preset(name))) / 1e6:.2f}M parameters")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pipelines.doctor import report, run_checks
+
+    text, code = report(run_checks(Path.cwd()))
+    print(text)
+    return code
 
 
 def _load(args: argparse.Namespace):
@@ -258,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions and model sizes").set_defaults(func=cmd_info)
+    sub.add_parser("doctor", help="check what a run needs (Python, torch, Ray, free ports, disk, Chromium for the "
+                                  "tests) and say what to fix").set_defaults(func=cmd_doctor)
 
     run = sub.add_parser("run", help="run a pipeline on local Ray (or the cluster its file names)")
     _pipeline_args(run)
