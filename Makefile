@@ -4,13 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
+# Where pip gets torch 2.13.0 when .venv is created. Empty: pip's default index (PyPI serves the CUDA build on Linux
+# x86-64, a CPU build elsewhere). make run TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build,
+# .../whl/cu128 for CUDA 12.8 (docs/gpu.md).
+TORCH_INDEX ?=
 
-.PHONY: run test bench ui clean
+.PHONY: run test bench ui doctor docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -e '.[test,bench]'
 	touch $(STAMP)
 
@@ -27,6 +31,14 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/raydiff ui
+
+# What a run needs (Python, torch build and device, Ray, free ports, disk, Chromium for the tests) and what to fix.
+doctor: $(STAMP)
+	$(BIN)/raydiff doctor
+
+# docs/reference/*.md from the code (the pipeline keys, the CLI, the sampler catalog).
+docs: $(STAMP)
+	$(BIN)/python -m pipelines.docs
 
 clean:
 	rm -rf $(VENV) .raydiff mlruns.db mlartifacts
