@@ -38,7 +38,7 @@ doctor: $(STAMP)
 
 # docs/reference/*.md from the code (the pipeline keys, the CLI, the sampler catalog).
 docs: $(STAMP)
-	$(BIN)/python -m pipelines.docs
+	$(BIN)/python -m docs.generate
 
 clean:
 	rm -rf $(VENV) .raydiff mlruns.db mlartifacts

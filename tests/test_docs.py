@@ -1,7 +1,7 @@
-"""The docs against the code. docs/reference/ must be what `python -m pipelines.docs` writes now (every pipeline key,
+"""The docs against the code. docs/reference/ must be what `python -m docs.generate` writes now (every pipeline key,
 command, option and sampler that exists, and nothing else); the hand-written pages (README.md, docs/*.md) may only
 name keys, commands, options and samplers that exist, their YAML must validate, and their links must resolve.
-When this fails after a change to the code, run `python -m pipelines.docs` and fix the pages it names."""
+When this fails after a change to the code, run `python -m docs.generate` and fix the pages it names."""
 
 import re
 import shlex
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from diffusion.sampler_specs import SAMPLER_NAMES
-from pipelines.docs import commands, known_keys, stale_pages
+from docs.generate import commands, known_keys, stale_pages
 from pipelines.kinds import KINDS, load_kind
 from pipelines.spec import GENERIC_STAGE_FIELDS, SpecError, build_spec
 
@@ -37,7 +37,7 @@ def prose_spans(text: str) -> list[str]:
 
 
 def test_the_reference_pages_are_written_from_the_current_code():
-    assert not stale_pages(), f"docs/reference/{stale_pages()} out of date: run python -m pipelines.docs"
+    assert not stale_pages(), f"docs/reference/{stale_pages()} out of date: run python -m docs.generate"
 
 
 def test_every_command_is_in_the_hand_written_docs():

@@ -2,8 +2,10 @@
 file's top level and of each stage kind), every CLI command and option (the argparse parser, plug-in commands
 included) and every sampler (the catalog `diffusion.sampler_specs`).
 
-    python -m pipelines.docs            # rewrite docs/reference/*.md
-    python -m pipelines.docs --check    # exit 1, naming the stale pages, when they differ from the code
+    python -m docs.generate            # rewrite docs/reference/*.md (from the repository root)
+    python -m docs.generate --check    # exit 1, naming the stale pages, when they differ from the code
+
+It lives beside the pages rather than in `pipelines/` because it reads the CLI, which nothing in `pipelines/` imports.
 
 tests/test_docs.py runs the check, and holds the hand-written pages to the same names.
 """
@@ -27,7 +29,7 @@ from pipelines.kinds import KINDS, load_kind
 from pipelines.spec import ClusterSpec, PipelineFile, Resources, StorageSpec, TrackingSpec
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "docs" / "reference"
-HEADER = "<!-- Written by `python -m pipelines.docs` from the code; edit the code, then run it again. -->\n\n"
+HEADER = "<!-- Written by `python -m docs.generate` from the code; edit the code, then run it again. -->\n\n"
 TOP_LEVEL = {"tracking": TrackingSpec, "storage": StorageSpec, "cluster": ClusterSpec}
 GENERIC_STAGE_KEYS = {
     "kind": ("str", "the stage's name", "a built-in kind (" + ", ".join(KINDS) + ") or `package.module:NAME`"),
@@ -219,14 +221,14 @@ def stale_pages(directory: Path = REFERENCE_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.docs", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m docs.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only report pages that differ from the code")
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_pages()
         for name in stale:
-            print(f"docs/reference/{name} is out of date: run python -m pipelines.docs", file=sys.stderr)
+            print(f"docs/reference/{name} is out of date: run python -m docs.generate", file=sys.stderr)
         return 1 if stale else 0
     REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
     for name, text in pages().items():
