@@ -140,7 +140,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
         if self.t_sampler is not None and "t_sampler" in state:
             self.t_sampler.load_state_dict(state["t_sampler"])
 
@@ -299,7 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _after_step(tr: Trainer, interval: IntervalMetrics, client: MlflowClient | None, run_id: str, rank: int,
                 val_images: torch.Tensor | None, class_names: list[str] | None) -> None:
-    """Log every `log_every` steps, evaluate every `eval_every`, checkpoint every `checkpoint_every` (and at the end)."""
+    """Log every `log_every` steps, evaluate every `eval_every`, checkpoint every `checkpoint_every`; all at the end."""
     cfg, step, last = tr.cfg, tr.step, tr.step == tr.cfg.steps
     metrics: dict[str, float] = {}
     if step % cfg.log_every == 0 or last:
