@@ -32,7 +32,6 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
-from tests.infra.test_multinode import node_ports, stop, wait_for_nodes
 from tests.pipelines.test_submit import BIN, ROOT, raydiff
 from tests.s3server import s3_bucket
 
@@ -99,6 +98,61 @@ if [ -n "$RD_KEEP" ]; then mkdir -p "$RD_KEEP"; mount --move "$RD_HOLD" "$RD_KEE
 mkdir -p "$RAYDIFF_CACHE_DIR"
 exec "$@"
 """
+
+
+def node_ports(head: bool) -> list[str]:
+    """Free ports for every listener of one node (two nodes on one machine must not share any)."""
+    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
+    if head:
+        names += ["--ray-client-server-port"]
+    return [str(part) for name in names for part in (name, free_port())]
+
+
+def alive_nodes(address: str, token: str) -> list[str]:
+    """Node ids of the cluster's ALIVE nodes, from the dashboard's state API."""
+    reply = requests.get(f"{address}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    reply.raise_for_status()
+    return sorted(n["node_id"] for n in reply.json()["data"]["result"]["result"] if n["state"] == "ALIVE")
+
+
+def wait_for_nodes(count: int, address: str, token: str, processes: list[subprocess.Popen], log_dir: Path,
+                   timeout: float = 120) -> list[str]:
+    """Poll the dashboard until the cluster has `count` ALIVE nodes; returns their ids."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            nodes = alive_nodes(address, token)
+            if len(nodes) == count:
+                return nodes
+        except requests.RequestException:
+            pass  # the dashboard is not up yet
+        if any(p.poll() is not None for p in processes) or time.time() > deadline:
+            raise RuntimeError(f"the cluster did not reach {count} alive nodes; see the logs in {log_dir}")
+        time.sleep(1)
+
+
+def stop(processes: list[subprocess.Popen], temp_dirs: list[Path]) -> None:
+    """SIGTERM each `ray start` process group, then kill whatever of theirs is left."""
+    started = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started += psutil.Process(process.pid).children(recursive=True)
+    for process in reversed(processes):  # the second node first: a head that goes first leaves it waiting on GCS
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    leftovers = started + [p for p in psutil.process_iter(["cmdline"])
+                           if any(str(d) in " ".join(p.info["cmdline"] or []) for d in temp_dirs)]
+    for process in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(leftovers, timeout=10)
 
 
 class Cluster:
@@ -271,7 +325,10 @@ def test_the_whole_pipeline_on_nodes_that_share_nothing(cluster):
     assert set(runs) == {"ingest", "train", "evaluate", "register", "deploy"}
     train = runs["train"]
     assert train.info.status == "FINISHED" and train.data.metrics["loss"] > 0
-    assert train.data.tags["raydiff.num_nodes"] == "2"
+    worker_nodes = json.loads(train.data.tags["raydiff.worker_nodes"])  # one rank on each worker node
+    assert len(set(worker_nodes)) == 2 and train.data.tags["raydiff.num_nodes"] == "2", train.data.tags
+    assert len(json.loads(train.data.tags["raydiff.worker_hosts"])) == 2
+    assert train.data.params["train.placement_strategy"] == "STRICT_SPREAD"
     assert any(key.startswith("system/node-") for key in train.data.metrics), sorted(train.data.metrics)
     assert client.list_artifacts(train.info.run_id, "samples"), "the training run's sample grids"
     assert runs["evaluate"].data.metrics, "the evaluate stage's metrics"
