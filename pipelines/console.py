@@ -32,8 +32,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 RAY_PREFIX = re.compile(r"^\((?P<who>[^()]*?)\s*pid=[^)]*\)\s?")
 STAGE_TASK = re.compile(r"^raydiff:[^:]+:(?P<stage>[^:\s]+)$")  # the runner names a stage's task raydiff:PIPELINE:STAGE
 STAGE_LINE = re.compile(r"^\[raydiff (?P<kind>[\w-]+)\] (?P<text>.*)")
-PROBLEM = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|\b[A-Z]\w*(Warning|Error):|^\[\S+ \S+ [WEF] \d+ \d+\]"
-                     r"|Traceback \(most recent call last\)")
+PROBLEM = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|\b[A-Z]\w*(Warning|Error|Exception)\b[:(]"
+                     r"|^\[\S+ \S+ [WEF] \d+ \d+\]|Traceback \(most recent call last\)|Unhandled error")
 REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]")
 STATE_STYLE = {"waiting": "dim", "running": "yellow", "retrying": "magenta", "done": "green", "cached": "cyan",
                "failed": "bold red", "skipped": "dim"}

@@ -135,6 +135,16 @@ def test_a_pipe_gets_plain_lines_in_todays_format(into_pipe):
     assert "Reporting training result 1" in log and "[raydiff] evaluate   done" in log
 
 
+def test_verbose_prints_everything_as_it_comes_and_writes_no_log(tmp_path):
+    path = pipeline(tmp_path)
+    out = subprocess.run([*command(path), "--verbose", "--set", "train.steps=1"], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"\(raydiff:console:train pid=\d+\).* Reporting training result 1", out.stdout), out.stdout
+    assert "PreemptionWatcher" in out.stderr and "[raydiff] train      done" in out.stdout
+    assert "own output:" not in out.stdout and not (tmp_path / "store" / "logs").exists()
+
+
 def test_the_board_derives_eta_and_sampler_counts_from_the_stages_lines():
     now = [0.0]
     board = StageBoard([("ingest", "ingest", 0), ("train", "train", 0), ("evaluate", "evaluate", 2)],
