@@ -82,6 +82,8 @@ class Console:
     def handle(self, stream: str, raw: str) -> None:
         line = ANSI.sub("", raw).rstrip()
         with self.lock:
+            if self.log.closed:  # a straggler after the capture ended
+                return
             self.log.write(line + "\n")
             prefix = RAY_PREFIX.match(line)
             who = prefix.group("who") if prefix else ""
