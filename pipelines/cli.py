@@ -100,8 +100,9 @@ def summary(result) -> list[str]:
         lines.append(f"  endpoint  {url}")
     for samples in result.values_of_kind("evaluate", "samples"):
         if samples:
-            lines.append(f"  samples   {str(Path(samples[0]).parent) if '://' not in samples[0] else samples[0]}  "
-                         f"({', '.join(Path(s).name for s in samples)})")
+            from pipelines.storage import parent_uri, uri_name
+
+            lines.append(f"  samples   {parent_uri(samples[0])}  ({', '.join(uri_name(s) for s in samples)})")
     for reg in (r.values for r in result.records.values() if r.kind == "register"):
         verdict = "promoted to" if reg["promoted"] else "did not beat"
         lines.append(f"  model     models:/{reg['name']}/{reg['version']} ({reg['metric']}={reg['value']:.4g}) "

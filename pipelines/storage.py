@@ -37,6 +37,19 @@ def join_uri(uri: str, *parts: str) -> str:
     return parsed._replace(path="/".join([parsed.path.rstrip("/"), *parts])).geturl()
 
 
+def parent_uri(uri: str) -> str:
+    """The directory holding `uri`, a remote URI keeping its query."""
+    if not is_remote(uri):
+        return str(Path(uri).parent)
+    parsed = urlparse(uri)
+    return parsed._replace(path=parsed.path.rsplit("/", 1)[0]).geturl()
+
+
+def uri_name(uri: str) -> str:
+    """The last part of a path or URI (a remote URI's query left out)."""
+    return Path(urlparse(uri).path if is_remote(uri) else uri).name
+
+
 def local_cache_dir() -> Path:
     return Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff" / "artifacts"))
 
