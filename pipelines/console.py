@@ -34,6 +34,7 @@ STAGE_TASK = re.compile(r"^raydiff:[^:]+:(?P<stage>[^:\s]+)$")  # the runner nam
 STAGE_LINE = re.compile(r"^\[raydiff (?P<kind>[\w-]+)\] (?P<text>.*)")
 PROBLEM = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|\b[A-Z]\w*(Warning|Error|Exception)\b[:(]"
                      r"|^\[\S+ \S+ [WEF] \d+ \d+\]|Traceback \(most recent call last\)|Unhandled error")
+CARETS = re.compile(r"^[\s^~]+$")  # a traceback's position markers (Ray's relay may split them off their line)
 REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]")
 STATE_STYLE = {"waiting": "dim", "running": "yellow", "retrying": "magenta", "done": "green", "cached": "cyan",
                "failed": "bold red", "skipped": "dim"}
@@ -102,7 +103,7 @@ class Console:
         """Show warnings, errors and tracebacks (whole) once; the rest stays in the log."""
         source = (stream, who)
         if source in self.in_traceback:
-            if not message[:1].isspace():
+            if not (message[:1].isspace() or CARETS.match(message)):  # the exception line ends the traceback
                 self.in_traceback.discard(source)
             self._show(message, err=True)
             return

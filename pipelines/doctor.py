@@ -19,7 +19,8 @@ from packaging.specifiers import SpecifierSet
 
 PORTS = {  # port → (what listens there, what a busy port means for a run, what to do)
     8000: ("the endpoint, deploy.port", "FAIL", 'stop what listens there, or make run ARGS="--set port=8001"'),
-    8265: ("Ray's dashboard and Jobs API", "warn", "another Ray is running (ray status); a local run still starts its own"),
+    8265: ("Ray's dashboard and Jobs API", "warn",
+           "another Ray is running (ray status); a local run still starts its own"),
     5000: ("the MLflow UI, raydiff ui", "warn", "raydiff ui --port 5001"),
 }
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -123,5 +124,6 @@ def report(checks: list[Check]) -> tuple[str, int]:
     """The printed report and the exit code (1 when anything must be fixed)."""
     failed = sum(c.status == "FAIL" for c in checks)
     warned = sum(c.status == "warn" for c in checks)
-    verdict = (f"{failed} to fix before a run" if failed else "ready to run") + (f", {warned} warning(s)" if warned else "")
+    verdict = f"{failed} to fix before a run" if failed else "ready to run"
+    verdict += f", {warned} warning(s)" if warned else ""
     return "\n".join(["raydiff doctor", *(c.line() for c in checks), verdict]), int(failed > 0)

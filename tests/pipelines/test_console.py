@@ -3,6 +3,7 @@ display) and once into a pipe (plain lines), on stand-in stages that print what 
 an INFO log line, a warning repeated from several places) and one that fails."""
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.console import Console
 from pipelines.stage import StageContext, StageKind, StageResult
 from pipelines.stage_board import StageBoard
 from tests.pipelines.cli_driver import cli_env
@@ -143,6 +145,30 @@ def test_verbose_prints_everything_as_it_comes_and_writes_no_log(tmp_path):
     assert re.search(r"\(raydiff:console:train pid=\d+\).* Reporting training result 1", out.stdout), out.stdout
     assert "PreemptionWatcher" in out.stderr and "[raydiff] train      done" in out.stdout
     assert "own output:" not in out.stdout and not (tmp_path / "store" / "logs").exists()
+
+
+def test_lines_are_sorted_into_console_and_log(tmp_path):
+    """What a driver receives, Ray's relay prefixes and colours included, sorted without a Ray: a traceback is shown
+    whole (a marker line split off by the relay included), INFO stays in the log, a warning shows once."""
+    board = StageBoard([("train", "train", 0)])
+    console = Console(board, tmp_path / "run.log", live=False)
+    console.out, console.err = io.StringIO(), io.StringIO()
+    relayed = ["\x1b[36m(RayTrainWorker pid=7)\x1b[0m [raydiff train] step 20/60 loss 1.0023 421 img/s",
+               "(TrainController pid=8) Reporting training result 1: TrainingReport(checkpoint=None)",
+               "(Cleaner pid=9) Traceback (most recent call last):", "(Cleaner pid=9)   File \"x.py\", line 1, in f",
+               "(Cleaner pid=9)     alive = get(", "(Cleaner pid=9)             ^^^^", "(Cleaner pid=9) ^^^^",
+               "(Cleaner pid=9) ConnectionError: two Ray instances", "(Cleaner pid=9) INFO after the traceback",
+               "2026-12-05 00:35:47,370\tWARNING setup.py:85 -- token 1",
+               "2026-12-05 00:35:48,370\tWARNING setup.py:85 -- token 2"]
+    for line in relayed:
+        console.handle("out" if "[raydiff train]" in line else "err", line)
+    assert console.out.getvalue() == "[raydiff train] step 20/60 loss 1.0023 421 img/s\n"
+    shown = console.err.getvalue().splitlines()
+    assert shown[0] == "(Cleaner) Traceback (most recent call last):"
+    assert shown[5] == "ConnectionError: two Ray instances"
+    assert len(shown) == 7 and shown[6].endswith("token 1") and console.hidden == 1
+    console.log.close()
+    assert "Reporting training result 1" in (tmp_path / "run.log").read_text()
 
 
 def test_the_board_derives_eta_and_sampler_counts_from_the_stages_lines():
