@@ -1,17 +1,20 @@
 """Load a packaged `DiffusionModel` from MLflow: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN/model`.
 
 An alias is resolved to its version once, and that exact version is loaded, so the replica reports (and serves)
-one well-defined model even if the alias moves while it loads.
+one well-defined model even if the alias moves while it loads. The model is read from the safetensors directory
+inside the logged MLflow model (`DiffusionModel.from_pretrained`), never unpickled and without pyfunc; a version
+holding anything else is refused.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 
-from diffusion.packaged import DiffusionModel
+from diffusion.packaged import DiffusionModel, logged_model_directory
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,17 @@ def resolve(model_uri: str, tracking_uri: str | None) -> ModelRef:
 
 
 def load(model_uri: str, tracking_uri: str | None, device: torch.device) -> tuple[DiffusionModel, ModelRef]:
-    """→ (the model in eval mode on `device`, its ModelRef). Raises TypeError for anything but a DiffusionModel."""
+    """→ (the model in eval mode on `device`, its ModelRef). Raises ValueError for a model that is not a raydiff
+    safetensors model directory (naming the URI) or whose config/weights are invalid (naming the key/tensor)."""
     import mlflow
-    import mlflow.pytorch
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     ref = resolve(model_uri, tracking_uri)
-    model = mlflow.pytorch.load_model(ref.loaded_uri, map_location=device)
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"{ref.loaded_uri} holds a {type(model).__name__}, not a diffusion.packaged.DiffusionModel")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = mlflow.artifacts.download_artifacts(artifact_uri=ref.loaded_uri, dst_path=tmp)
+        model = DiffusionModel.from_pretrained(logged_model_directory(root, ref.loaded_uri), device)
     training_run_id = model.metadata.get("training_run_id") or ref.run_id
     ref = ModelRef(**{**asdict(ref), "training_run_id": training_run_id})
     return model.eval(), ref

@@ -5,7 +5,7 @@ class accuracy, a table, a plot and a grid with a row per class). The floor ever
 TRAIN images the feature network never saw (the digits net's hold-out) against the same test images.
 
 `run_evaluate` returns metrics and artifact paths and touches neither MLflow nor Ray; `KIND`, the pipeline stage,
-loads the trained model from MLflow and the splits from the ingest stage, and logs what run_evaluate returns.
+loads the trained model from MLflow (its safetensors directory, never a pickle) and the splits from the ingest stage, and logs what run_evaluate returns.
 """
 
 from __future__ import annotations
@@ -225,9 +225,8 @@ def _check_inputs(model, test_images: torch.Tensor, train_images: torch.Tensor, 
 
 
 def run(ctx: StageContext) -> StageResult:
-    import mlflow.pytorch
-
     from pipelines.ingest.reader import load_split_tensor
+    from pipelines.modelstore import load_model
 
     splits = ctx.inputs["data"].values["splits"]
     if "test" not in splits:
@@ -237,7 +236,7 @@ def run(ctx: StageContext) -> StageResult:
     train_images, train_labels = load_split_tensor(ctx.localize(splits["train"]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with use_tracking_uri(ctx.tracking_uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=device).to(device)
+        model = load_model(model_uri, device)
     result = run_evaluate(ctx.params, model, test_images, train_images, train_labels, ctx.output_dir, progress=False)
     ctx.log_artifacts(result.artifacts)
     ctx.mlflow().log_dict(ctx.run_id, result.table, "sampler_table.json")

@@ -1,12 +1,13 @@
 """The packaged model and the samplers under the objectives' options: learned variance in DDPM sampling,
-v-prediction, zero-terminal-SNR schedules (with the trailing spacing), and models pickled before these fields."""
+v-prediction, zero-terminal-SNR schedules (with the trailing spacing), and the model format (config.json +
+model.safetensors): round trip, and bad configs or tampered weights refused with the key or tensor named."""
 
-import copy
+import json
 import math
-import pickle
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffusion.guidance import Denoised
@@ -141,18 +142,69 @@ def test_v_prediction_model_gives_the_same_eps_and_x0_as_its_eps_twin():
     assert torch.allclose(packaged(x, t), oracle(x, t), atol=1e-5)
 
 
-def test_models_pickled_before_the_new_fields_load_and_sample_identically():
+def random_model(**unet_options) -> DiffusionModel:
     torch.manual_seed(0)
-    model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50).eval()
+    config = UNetConfig.preset("tiny", **unet_options)
+    classes = [f"c{k}" for k in range(config.num_classes)] if config.num_classes else None
+    model = DiffusionModel(UNet(config), "cosine", 50, {"training_run_id": "r1", "training_steps": 7}, "v", True,
+                           classes).eval()
     for param in model.parameters():
         nn.init.normal_(param, std=0.05)
-    old = copy.deepcopy(model)
-    for name in ("prediction", "zero_terminal_snr", "_schedule"):  # as a model pickled before they existed
-        del old.__dict__[name]
-    object.__delattr__(old.unet.config, "num_classes")
-    object.__delattr__(old.unet.config, "learn_variance")
-    old = pickle.loads(pickle.dumps(old))
-    assert old.prediction == "eps" and old.num_classes is None and not old.learn_variance
-    run = [sample(m, m.schedule(), (3, 1, 8, 8), "ddpm", 10, torch.Generator().manual_seed(4)) for m in (model, old)]
-    assert torch.equal(run[0], run[1])
-    assert math.isfinite(old.nll_bpd(torch.zeros(1, 1, 8, 8))["total_bpd"].item())
+    return model
+
+
+def test_save_pretrained_round_trip_samples_identically(tmp_path):
+    """config.json + model.safetensors bring back the same network, schedule, parameterization, classes and
+    provenance: the same samples bit for bit."""
+    model = random_model(num_classes=3, learn_variance=True)
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DiffusionModel.from_pretrained(tmp_path / "m")
+    assert loaded.describe() == model.describe() and loaded.class_names == ("c0", "c1", "c2")
+    y = torch.tensor([0, 2, 3])
+    runs = [sample(m, m.schedule(), (3, 1, 8, 8), "ddpm", 10, torch.Generator().manual_seed(4), y=y,
+                   guidance_scale=2.0) for m in (model, loaded)]
+    assert torch.equal(runs[0], runs[1])
+    assert math.isfinite(loaded.nll_bpd(torch.zeros(1, 1, 8, 8))["total_bpd"].item())
+
+
+def edit_config(directory, change) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(sneaky=1), r"unknown config keys \['sneaky'\]"),
+    (lambda c: c.pop("prediction"), r"missing config keys \['prediction'\]"),
+    (lambda c: c["unet"].update(attention_heads=4), r"'unet'.*unknown UNetConfig fields: \['attention_heads'\]"),
+    (lambda c: c.update(format_version=99), "version 99"),
+    (lambda c: c.update(image_shape=[3, 8, 8]), "image_shape"),
+])
+def test_a_bad_config_is_an_error_naming_the_key(tmp_path, change, message):
+    random_model().save_pretrained(tmp_path)
+    edit_config(tmp_path, change)
+    with pytest.raises(ValueError, match=message):
+        DiffusionModel.from_pretrained(tmp_path)
+
+
+def test_tampered_weights_are_an_error_naming_the_tensor_or_file(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = torch.zeros(16, 1, 5, 5)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"tensor 'conv_in.weight' is torch.float32 \(16, 1, 5, 5\)"):
+        DiffusionModel.from_pretrained(tmp_path)
+    del tensors["conv_in.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"missing tensors \['conv_in.weight'\]"):
+        DiffusionModel.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        DiffusionModel.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        DiffusionModel.from_pretrained(tmp_path)
