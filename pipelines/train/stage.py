@@ -160,16 +160,14 @@ def _uri(location: str | Path) -> str:
 
 
 def log_model(model: DiffusionModel, run_id: str, tracking_uri: str) -> None:
-    """Log the trained model to the training run as `model`."""
+    """Log the trained model to the training run as `model` (safetensors + config.json, pipelines.modelstore)."""
     import mlflow
-    import mlflow.pytorch
+
+    from pipelines.modelstore import log_model as log_packaged
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        described = model.describe()  # classes, prediction type, schedule: readable without loading the model
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", metadata={
-            key: described[key] for key in ("num_classes", "class_names", "prediction", "learn_variance",
-                                            "schedule", "num_timesteps", "zero_terminal_snr", "objective")})
+        log_packaged(model)
 
 
 def packaged_model(state: dict, config: TrainConfig, run_id: str) -> DiffusionModel:

@@ -90,8 +90,9 @@ def log_and_register(model, tracking_uri: str, name: str = MODEL_NAME, alias: st
     """Log `model` in a run whose id goes into model.metadata["training_run_id"], register it, set `alias`.
     → the registered version."""
     import mlflow
-    import mlflow.pytorch
     from mlflow.tracking import MlflowClient
+
+    from pipelines.modelstore import log_model
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -101,7 +102,7 @@ def log_and_register(model, tracking_uri: str, name: str = MODEL_NAME, alias: st
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts.as_uri())
     with mlflow.start_run(experiment_id=exp_id) as run:
         model.metadata["training_run_id"] = run.info.run_id
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+        log_model(model)
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version
     if alias:
         client.set_registered_model_alias(name, alias, version)
