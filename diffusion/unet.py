@@ -43,12 +43,19 @@ class UNetConfig:
     norm_groups: int = 32
     learn_variance: bool = False  # doubles the output: the prediction, then the variance values (eq. 15, Improved DDPM)
     num_classes: int | None = None  # class-conditional with this many classes (+1 null class); None = unconditional
+    # Layout options of other DDPM ports (diffusers' UNet2DModel names); the defaults are the DDPM paper's code.
+    downsample_padding: int = 1  # 1: stride-2 conv padded 1 on every side; 0: padded right/bottom only (TF "SAME")
+    norm_eps: float = 1e-5  # every GroupNorm's ε
+    freq_shift: int = 1  # time embedding frequencies exp(−ln(10⁴) k / (half − freq_shift))
+    flip_sin_to_cos: bool = False  # time embedding [cos, sin] instead of [sin, cos]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.ch_mult) - 1} (ch_mult levels)")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive class count or None, got {self.num_classes}")
         for width in {self.ch * m for m in self.ch_mult}:
@@ -80,12 +87,13 @@ class UNetConfig:
         return values
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: int = 1, flip_sin_to_cos: bool = False) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps (Vaswani et al. / DDPM): t [B] → [B, dim] float32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(-math.log(10000.0) * exponent)[None]
+    sin, cos = torch.sin(args), torch.cos(args)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=1)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -98,12 +106,12 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GN → SiLU → conv3 → (+ dense(temb)) → GN → SiLU → dropout → conv3, plus a 1×1 shortcut when widths differ."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -118,9 +126,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H·W positions, with a residual connection."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -132,12 +140,13 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -164,53 +173,54 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         cfg = config
-        ch, groups, temb_ch = cfg.ch, cfg.norm_groups, 4 * cfg.ch
+        ch, groups, eps, temb_ch = cfg.ch, cfg.norm_groups, cfg.norm_eps, 4 * cfg.ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         if cfg.num_classes is not None:  # row num_classes is the null class
             self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def attn_or_id(width: int, res: int) -> nn.Module:
-            return AttnBlock(width, groups) if res in cfg.attn_resolutions else nn.Identity()
+            return AttnBlock(width, groups, eps) if res in cfg.attn_resolutions else nn.Identity()
 
         skip_widths, width, res = [ch], ch, cfg.image_size
         self.down = nn.ModuleList()
         for level, mult in enumerate(cfg.ch_mult):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(width, ch * mult, temb_ch, cfg.dropout, groups))
+                blocks.append(ResBlock(width, ch * mult, temb_ch, cfg.dropout, groups, eps))
                 width = ch * mult
                 attns.append(attn_or_id(width, res))
                 skip_widths.append(width)
             last = level == len(cfg.ch_mult) - 1
-            self.down.append(Level(blocks, attns, None if last else Downsample(width)))
+            self.down.append(Level(blocks, attns, None if last else Downsample(width, cfg.downsample_padding)))
             if not last:
                 skip_widths.append(width)
                 res //= 2
 
-        self.mid1 = ResBlock(width, width, temb_ch, cfg.dropout, groups)
-        self.mid_attn = AttnBlock(width, groups)
-        self.mid2 = ResBlock(width, width, temb_ch, cfg.dropout, groups)
+        self.mid1 = ResBlock(width, width, temb_ch, cfg.dropout, groups, eps)
+        self.mid_attn = AttnBlock(width, groups, eps)
+        self.mid2 = ResBlock(width, width, temb_ch, cfg.dropout, groups, eps)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(width + skip_widths.pop(), ch * mult, temb_ch, cfg.dropout, groups))
+                blocks.append(ResBlock(width + skip_widths.pop(), ch * mult, temb_ch, cfg.dropout, groups, eps))
                 width = ch * mult
                 attns.append(attn_or_id(width, res))
             self.up.append(Level(blocks, attns, Upsample(width) if level > 0 else None))
             if level > 0:
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(groups, width)
+        self.norm_out = nn.GroupNorm(groups, width, eps)
         self.conv_out = _zero(nn.Conv2d(width, cfg.output_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W], t: [B] int64, y: [B] int64 class labels (num_classes = null) or None (all null)
         → [B, config.output_channels, H, W] (ε̂, then the variance values if learned)."""
         assert x.ndim == 4 and t.shape == (x.shape[0],), f"expected x [B,C,H,W] and t [B], got {x.shape}, {t.shape}"
-        temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))
+        temb = self.temb(timestep_embedding(t, self.config.ch, self.config.freq_shift,
+                                                  self.config.flip_sin_to_cos).to(x.dtype))
         if self.config.num_classes is not None:
             temb = temb + self.label_emb(null_labels(self.config.num_classes, x.shape[0], x.device) if y is None
                                          else check_labels(y, self.config.num_classes, x.shape[0])).to(temb.dtype)
