@@ -20,7 +20,8 @@ DIGITS_NET_SEED = 0  # fixed, not config.seed: FIDs stay comparable across runs 
 
 @dataclass
 class FeatureExtractor:
-    """Callable: images [N, C, H, W] in [−1, 1] → features [N, F] float64 (numpy), `batch_size` images per call."""
+    """Callable: images [N, C, H, W] in [−1, 1] → features [N, F] float64 (numpy), `batch_size` images per call.
+    Images are quantised to 8 bits first (`quantize_8bit`), so samples are scored as the PNGs real images came from."""
 
     name: str
     net: nn.Module  # has .features(x) and is in eval mode
@@ -31,9 +32,16 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        out = [self.net.features(images[i:i + self.batch_size].to(self.device, torch.float32)).double().cpu()
+        out = [self.net.features(quantize_8bit(images[i:i + self.batch_size].to(self.device, torch.float32)))
+               .double().cpu()
                for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(out).numpy()
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] in [−1, 1] → the same images on the 8-bit grid: u = round((x + 1) · 127.5) (clipped), u / 127.5 − 1.
+    Real images read from 8-bit files are unchanged."""
+    return torch.round((images.clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
 
 
 def load_digits_net(config: EvaluateConfig, train_images: torch.Tensor, train_labels: torch.Tensor) -> TrainedDigitsNet:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pipelines.evaluate.config import EvaluateConfig
 from pipelines.evaluate.digits_net import (DigitsNetRecipe, cache_key, holdout_split, load_or_train_digits_net,
                                            train_digits_net)
-from pipelines.evaluate.features import FeatureExtractor, build_feature_extractor
+from pipelines.evaluate.features import FeatureExtractor, build_feature_extractor, quantize_8bit
 from pipelines.evaluate.frechet import fid_from_features
 from pipelines.evaluate.inception import FEATURE_DIM, FIDInceptionV3, load_fid_inception
 
@@ -120,7 +120,18 @@ def test_inception_loads_a_local_state_dict(tmp_path):
     features = extract(images)
     assert extract.name == "inception" and features.shape == (3, FEATURE_DIM)
     with torch.no_grad():
-        np.testing.assert_allclose(features, source(images).double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(features, source(quantize_8bit(images)).double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_features_see_samples_quantised_to_8_bits_as_real_images_are(digits, trained):
+    """A sample off the 8-bit grid scores as its PNG would; real images (on the grid) are unchanged."""
+    _, _, test_x, _ = digits
+    extract = FeatureExtractor("digits", trained[0].net, batch_size=64)
+    assert torch.equal(quantize_8bit(test_x), test_x)
+    jitter = (torch.rand(test_x.shape, generator=torch.Generator().manual_seed(0)) - 0.5) / 300  # < half a level
+    np.testing.assert_array_equal(extract(test_x + jitter), extract(test_x))
+    assert torch.allclose(quantize_8bit(torch.tensor([-1.5, -1.0, 0.0, 0.003, 1.2])),
+                          torch.tensor([-1.0, -1.0, 1 / 255, 1 / 255, 1.0]), atol=1e-7, rtol=0)  # 127.5 rounds to 128
 
 
 def test_inception_weights_errors_name_the_file(tmp_path):
