@@ -5,7 +5,8 @@ class accuracy, a table, a plot and a grid with a row per class). The floor ever
 TRAIN images the feature network never saw (the digits net's hold-out) against the same test images.
 
 `run_evaluate` returns metrics and artifact paths and touches neither MLflow nor Ray; `KIND`, the pipeline stage,
-loads the trained model from MLflow (its safetensors directory, never a pickle) and the splits from the ingest stage, and logs what run_evaluate returns.
+loads the trained model from MLflow (its safetensors directory, never a pickle) and the splits from the ingest
+stage, and logs what run_evaluate returns.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipelines.evaluate.bpd import evaluate_bpd, plot_vb_per_t, select_images, write_vb_per_t_csv
 from pipelines.evaluate.config import EvaluateConfig
-from pipelines.evaluate.features import build_feature_extractor, load_digits_net
+from pipelines.evaluate.features import FeatureExtractor, build_feature_extractor, load_digits_net
 from pipelines.evaluate.frechet import fid_from_features
 from pipelines.evaluate.grid import save_class_grid, save_grid
 from pipelines.evaluate.guidance import (Reference, class_accuracy, plot_guidance, predict_labels, scale_tag,
@@ -79,7 +81,42 @@ def run_evaluate(
     extract = build_feature_extractor(config, train_images, train_labels, device, digits)
     result = EvaluateResult(metrics=dict(extract.metrics))
     model.eval()
+    _score_bpd(config, model, test_images, output_dir, progress, result)
+    scorer = _scorer(config, extract, test_images, train_images, result)
+    for spec in specs:
+        _score_sampler(config, model, spec, scorer, output_dir, progress, result)
+    result.artifacts += [write_table_csv(result.table, output_dir / "sampler_table.csv"),
+                         write_table_markdown(result.table, output_dir / "sampler_table.md", scorer.floor.fid,
+                                              scorer.floor.num_images),
+                         plot_fid_vs_model_calls(result.table, output_dir / "fid_vs_model_calls.png", scorer.floor.fid)]
+    if guide_spec is None:
+        if model_num_classes(model) is None:
+            print("[raydiff evaluate] unconditional model: no guidance sweep", flush=True)
+        return result
+    _guidance_sweep(config, model, guide_spec, scorer, digits, output_dir, progress, result)
+    return result
 
+
+@dataclass
+class Scorer:
+    """FID and KID of image sets against the test images' features, and the floor they are read against."""
+
+    extract: FeatureExtractor
+    test_features: np.ndarray
+    feature_scale: float  # one fixed feature scale for every KID against the test set
+    floor: Reference
+    seed: int
+
+    def __call__(self, images: torch.Tensor) -> tuple[float, float, float]:
+        """images [N, C, H, W] in [−1, 1] → (FID, KID, KID stderr) against the test images."""
+        features = self.extract(images)
+        kid = kid_from_features(features, self.test_features, seed=self.seed, scale=self.feature_scale)
+        return fid_from_features(features, self.test_features), kid.mean, kid.stderr
+
+
+def _score_bpd(config: EvaluateConfig, model, test_images: torch.Tensor, output_dir: Path, progress: bool,
+               result: EvaluateResult) -> None:
+    """The test ELBO in bits/dim on a seeded subset: metrics test_*bpd*, bpd_per_t.{csv,png}."""
     subset = select_images(test_images, config.bpd_batches * config.bpd_batch_size, config.seed)
     num_batches = math.ceil(subset.shape[0] / config.bpd_batch_size)
     with tqdm(total=num_batches * model.num_timesteps, desc="bits/dim", disable=not progress) as bar:
@@ -90,12 +127,16 @@ def run_evaluate(
     result.artifacts += [write_vb_per_t_csv(bpd, output_dir / "bpd_per_t.csv"),
                          plot_vb_per_t(bpd, output_dir / "bpd_per_t.png")]
 
+
+def _scorer(config: EvaluateConfig, extract: FeatureExtractor, test_images: torch.Tensor,
+            train_images: torch.Tensor, result: EvaluateResult) -> Scorer:
+    """Test features and the floor: real TRAIN images the feature net never saw against the test images."""
     test_features = extract(test_images)
     unseen = train_images if extract.unseen is None else train_images[extract.unseen]
     reference = select_images(unseen, config.num_fid_samples, config.seed)
     reference_features = extract(reference)
-    feature_scale = unit_rms(test_features)  # one fixed feature scale for every KID against the test set
-    reference_kid = kid_from_features(reference_features, test_features, seed=config.seed, scale=feature_scale)
+    scale = unit_rms(test_features)
+    reference_kid = kid_from_features(reference_features, test_features, seed=config.seed, scale=scale)
     floor = Reference("floor: real images the feature net never saw", fid_from_features(reference_features,
                       test_features), reference_kid.mean, reference_kid.stderr, reference.shape[0])
     result.metrics.update({"fid_heldout_vs_test": floor.fid, "kid_heldout_vs_test": floor.kid,
@@ -103,40 +144,40 @@ def run_evaluate(
                            "fid_num_test_images": test_images.shape[0], "fid_num_heldout_images": floor.num_images})
     print(f"[raydiff evaluate] floor: {floor.num_images} held-out real images vs {test_images.shape[0]} test images: "
           f"FID {floor.fid:.2f}, KID {floor.kid:.4f} ± {floor.kid_stderr:.4f}", flush=True)
+    return Scorer(extract, test_features, scale, floor, config.seed)
 
-    scale = max(1, 64 // model.image_shape[-1])
-    for spec in specs:
-        calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * spec.model_calls
-        with tqdm(total=calls, desc=spec.name, disable=not progress) as bar:
-            samples = generate_samples(model, spec, config.num_fid_samples, config.sample_batch_size, config.seed,
-                                       bar.update)
-        sample_features = extract(samples.images)
-        fid = fid_from_features(sample_features, test_features)
-        kid = kid_from_features(sample_features, test_features, seed=config.seed, scale=feature_scale)
-        result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
-                             "model_calls": spec.model_calls, "num_samples": config.num_fid_samples,
-                             "num_ref_images": test_images.shape[0], "seconds": samples.seconds,
-                             "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid.mean,
-                             "kid_stderr": kid.stderr, "feature_net": extract.name})
-        print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (floor {floor.fid:.2f}), KID "
-              f"{kid.mean:.4f} ± {kid.stderr:.4f}, {samples.samples_per_s:.1f} samples/s", flush=True)
-        result.metrics.update({f"fid_{spec.name}": fid, f"kid_{spec.name}": kid.mean,
-                               f"kid_{spec.name}_stderr": kid.stderr,
-                               f"samples_per_s_{spec.name}": samples.samples_per_s,
-                               f"sample_seconds_{spec.name}": samples.seconds})
-        result.artifacts.append(save_grid(samples.images[:GRID_IMAGES], output_dir / f"samples_{spec.name}.png",
-                                          nrow=8, scale=scale))
 
-    result.artifacts += [write_table_csv(result.table, output_dir / "sampler_table.csv"),
-                         write_table_markdown(result.table, output_dir / "sampler_table.md", floor.fid,
-                                              floor.num_images),
-                         plot_fid_vs_model_calls(result.table, output_dir / "fid_vs_model_calls.png", floor.fid)]
-    if guide_spec is None:
-        if model_num_classes(model) is None:
-            print("[raydiff evaluate] unconditional model: no guidance sweep", flush=True)
-        return result
+def _grid_scale(model) -> int:
+    return max(1, 64 // model.image_shape[-1])
 
-    references = [floor]
+
+def _score_sampler(config: EvaluateConfig, model, spec: SamplerRun, scorer: Scorer, output_dir: Path,
+                   progress: bool, result: EvaluateResult) -> None:
+    """M seeded samples from one sampler: a table row, metrics fid_/kid_/samples_per_s_<s>, a grid."""
+    calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * spec.model_calls
+    with tqdm(total=calls, desc=spec.name, disable=not progress) as bar:
+        samples = generate_samples(model, spec, config.num_fid_samples, config.sample_batch_size, config.seed,
+                                   bar.update)
+    fid, kid, kid_stderr = scorer(samples.images)
+    result.table.append({"sampler": spec.name, "kind": spec.kind, "steps": spec.steps,
+                         "model_calls": spec.model_calls, "num_samples": config.num_fid_samples,
+                         "num_ref_images": scorer.test_features.shape[0], "seconds": samples.seconds,
+                         "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid,
+                         "kid_stderr": kid_stderr, "feature_net": scorer.extract.name})
+    print(f"[raydiff evaluate] {spec.name}: FID {fid:.2f} (floor {scorer.floor.fid:.2f}), KID "
+          f"{kid:.4f} ± {kid_stderr:.4f}, {samples.samples_per_s:.1f} samples/s", flush=True)
+    result.metrics.update({f"fid_{spec.name}": fid, f"kid_{spec.name}": kid, f"kid_{spec.name}_stderr": kid_stderr,
+                           f"samples_per_s_{spec.name}": samples.samples_per_s,
+                           f"sample_seconds_{spec.name}": samples.seconds})
+    result.artifacts.append(save_grid(samples.images[:GRID_IMAGES], output_dir / f"samples_{spec.name}.png",
+                                      nrow=8, scale=_grid_scale(model)))
+
+
+def _guidance_sweep(config: EvaluateConfig, model, guide_spec: SamplerRun, scorer: Scorer, digits,
+                    output_dir: Path, progress: bool, result: EvaluateResult) -> None:
+    """Per guidance scale M class-balanced samples (FID, KID, class accuracy, a grid per class), then the best
+    scale and the guidance table and plot."""
+    references = [scorer.floor]
     unconditional = next((row for row in result.table if row["sampler"] == guide_spec.name), None)
     if unconditional is not None:
         references.append(Reference(f"unconditional (null class), {guide_spec.name}", unconditional["fid"],
@@ -145,31 +186,8 @@ def run_evaluate(
     names = list(getattr(model, "class_names", None) or [str(k) for k in range(num_classes)])
     labels = balanced_labels(config.num_fid_samples, num_classes)
     for guidance_scale in config.guidance_scales:
-        tag = scale_tag(guidance_scale)
-        calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * guide_spec.model_calls
-        with tqdm(total=calls, desc=f"{guide_spec.name} {tag}", disable=not progress) as bar:
-            samples = generate_samples(model, guide_spec, config.num_fid_samples, config.sample_batch_size,
-                                       config.seed, bar.update, labels=labels, guidance_scale=guidance_scale)
-        sample_features = extract(samples.images)
-        fid = fid_from_features(sample_features, test_features)
-        kid = kid_from_features(sample_features, test_features, seed=config.seed, scale=feature_scale)
-        predicted = predict_labels(digits.net, samples.images, config.sample_batch_size, device)
-        accuracy, per_class = class_accuracy(predicted, labels, num_classes)
-        result.guidance.append({"guidance_scale": guidance_scale, "sampler": guide_spec.name,
-                                "model_calls": guide_spec.model_calls, "num_samples": config.num_fid_samples,
-                                "num_ref_images": test_images.shape[0], "seconds": samples.seconds,
-                                "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid.mean,
-                                "kid_stderr": kid.stderr, "class_accuracy": accuracy,
-                                "per_class_accuracy": per_class, "feature_net": extract.name})
-        print(f"[raydiff evaluate] {guide_spec.name} guidance s = {guidance_scale:g}: FID {fid:.2f}, KID "
-              f"{kid.mean:.4f} ± {kid.stderr:.4f}, class accuracy {100 * accuracy:.1f}%", flush=True)
-        result.metrics.update({f"fid_guided_{tag}": fid, f"kid_guided_{tag}": kid.mean,
-                               f"kid_guided_{tag}_stderr": kid.stderr, f"class_accuracy_{tag}": accuracy,
-                               f"samples_per_s_guided_{tag}": samples.samples_per_s,
-                               f"sample_seconds_guided_{tag}": samples.seconds})
-        result.artifacts.append(save_class_grid(samples.images, labels, names,
-                                                output_dir / f"samples_guided_{tag}.png", GRID_PER_CLASS,
-                                                scale=scale))
+        _score_guidance_scale(config, model, guide_spec, guidance_scale, labels, names, scorer, digits, output_dir,
+                              progress, result)
     best = max(result.guidance, key=lambda row: (row["class_accuracy"], -row["guidance_scale"]))
     result.metrics.update({"class_accuracy_best": best["class_accuracy"],
                            "guidance_scale_best": best["guidance_scale"],
@@ -178,11 +196,38 @@ def run_evaluate(
                          write_guidance_markdown(result.guidance, output_dir / "guidance_table.md", names, references,
                                                  digits.val_accuracy),
                          plot_guidance(result.guidance, output_dir / "guidance.png", references, digits.val_accuracy)]
-    return result
+
+
+def _score_guidance_scale(config: EvaluateConfig, model, guide_spec: SamplerRun, guidance_scale: float,
+                          labels: torch.Tensor, names: list[str], scorer: Scorer, digits, output_dir: Path,
+                          progress: bool, result: EvaluateResult) -> None:
+    """One guidance scale: a guidance table row, metrics *_guided_<tag> and class_accuracy_<tag>, a class grid."""
+    tag = scale_tag(guidance_scale)
+    calls = math.ceil(config.num_fid_samples / config.sample_batch_size) * guide_spec.model_calls
+    with tqdm(total=calls, desc=f"{guide_spec.name} {tag}", disable=not progress) as bar:
+        samples = generate_samples(model, guide_spec, config.num_fid_samples, config.sample_batch_size,
+                                   config.seed, bar.update, labels=labels, guidance_scale=guidance_scale)
+    fid, kid, kid_stderr = scorer(samples.images)
+    predicted = predict_labels(digits.net, samples.images, config.sample_batch_size, scorer.extract.device)
+    accuracy, per_class = class_accuracy(predicted, labels, len(names))
+    result.guidance.append({"guidance_scale": guidance_scale, "sampler": guide_spec.name,
+                            "model_calls": guide_spec.model_calls, "num_samples": config.num_fid_samples,
+                            "num_ref_images": scorer.test_features.shape[0], "seconds": samples.seconds,
+                            "samples_per_s": samples.samples_per_s, "fid": fid, "kid": kid,
+                            "kid_stderr": kid_stderr, "class_accuracy": accuracy,
+                            "per_class_accuracy": per_class, "feature_net": scorer.extract.name})
+    print(f"[raydiff evaluate] {guide_spec.name} guidance s = {guidance_scale:g}: FID {fid:.2f}, KID "
+          f"{kid:.4f} ± {kid_stderr:.4f}, class accuracy {100 * accuracy:.1f}%", flush=True)
+    result.metrics.update({f"fid_guided_{tag}": fid, f"kid_guided_{tag}": kid,
+                           f"kid_guided_{tag}_stderr": kid_stderr, f"class_accuracy_{tag}": accuracy,
+                           f"samples_per_s_guided_{tag}": samples.samples_per_s,
+                           f"sample_seconds_guided_{tag}": samples.seconds})
+    result.artifacts.append(save_class_grid(samples.images, labels, names, output_dir / f"samples_guided_{tag}.png",
+                                            GRID_PER_CLASS, scale=_grid_scale(model)))
 
 
 def model_num_classes(model) -> int | None:
-    """K for a class-conditional DiffusionModel, None when unconditional (or a model pickled before classes)."""
+    """K for a class-conditional DiffusionModel, None when unconditional (or a model without the attribute)."""
     return getattr(model, "num_classes", None)
 
 
