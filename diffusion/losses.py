@@ -9,15 +9,12 @@ the training objectives built on these terms are in diffusion.objectives.
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 
-from diffusion.parameterization import Prediction, model_prediction
+from diffusion.parameterization import Prediction, Variance, fixed_log_variance, model_prediction
 from diffusion.process import model_timesteps, q_posterior, q_sample
 from diffusion.schedule import NoiseSchedule
 
-Variance = Literal["small", "large"]
 LN2 = math.log(2.0)
 BIN_HALF_WIDTH = 1.0 / 255.0
 
@@ -25,6 +22,11 @@ BIN_HALF_WIDTH = 1.0 / 255.0
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: [B, ...] → [B]."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 when it is float64: the precision losses are computed in."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -60,21 +62,14 @@ def l_simple(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """E_{t, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖²   (eq. 14), t uniform over the schedule. x0: [B, C, H, W] → scalar.
-    The paper's name for `diffusion.objectives.training_losses` at its defaults (objective l_simple, ε-prediction)."""
-    from diffusion.objectives import training_losses  # objectives builds on this module's bound terms
-
-    return training_losses(model, sched, x0, t, noise)["loss"].mean()
-
-
-def p_variance(sched: NoiseSchedule, t: torch.Tensor, ndim: int, variance: Variance, dtype=torch.float32) -> torch.Tensor:
-    """log σ_t² of the reverse process: 'small' β̃_t (clipped at t=0) or 'large' β_t (β̃_1 at t=0). → [B, 1, ..., 1]."""
-    log_small = sched.to_tensor("posterior_log_variance_clipped", t, ndim, torch.float64)
-    if variance == "small":
-        return log_small.to(dtype)
-    if variance == "large":
-        log_beta = torch.log(sched.to_tensor("betas", t, ndim, torch.float64))
-        return torch.where(t.reshape(log_beta.shape) == 0, log_small, log_beta).to(dtype)
-    raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    The same value as `diffusion.objectives.training_losses` at its defaults (objective l_simple, ε-prediction)."""
+    if t is None:
+        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    eps = model(q_sample(sched, x0, t, noise), model_timesteps(sched, t))
+    assert eps.shape == x0.shape, f"model output {tuple(eps.shape)} does not match x0 {tuple(x0.shape)}"
+    return mean_flat((widen(eps) - widen(noise)) ** 2).mean()
 
 
 def prior_bpd(sched: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
@@ -132,7 +127,7 @@ def vlb_terms(
     x0_hat = pred.x0.clamp(-1, 1) if clip_x0 else pred.x0
     model_mean, _, _ = q_posterior(sched, x0_hat, x_t, t)
     if pred.log_variance is None:
-        model_logvar = p_variance(sched, t, x0.ndim, variance, x0.dtype)
+        model_logvar = fixed_log_variance(sched, t, x0.ndim, variance, x0.dtype)
     else:
         model_logvar = pred.log_variance.to(x0.dtype)
     return vlb_term(sched, x0, x_t, t, model_mean, model_logvar)

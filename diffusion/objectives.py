@@ -1,6 +1,6 @@
 """Training objectives beyond L_simple: L_hybrid and L_vlb with a learned variance and importance-sampled t
-(Nichol & Dhariwal 2021, "Improved DDPM"), min-SNR-γ loss weighting (Hang et al. 2023) and zero-terminal-SNR
-schedules (Lin et al. 2024).
+(Nichol & Dhariwal 2021, "Improved DDPM"), min-SNR-γ loss weighting (Hang et al. 2023) and label dropout for
+classifier-free guidance. (The zero-terminal-SNR schedule transform is in diffusion.schedule.)
 
 One training step (t from the sampler, or uniform when `t` is None):
 
@@ -32,10 +32,11 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from diffusion.losses import Variance, mean_flat, p_variance, vlb_term
-from diffusion.parameterization import Prediction, check_prediction, model_prediction, prediction_target, split_output
+from diffusion.losses import mean_flat, vlb_term, widen
+from diffusion.parameterization import (Prediction, Variance, check_prediction, fixed_log_variance, model_prediction,
+                                        prediction_target, split_output)
 from diffusion.process import model_timesteps, q_posterior, q_sample
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, snr
 
 Objective = Literal["l_simple", "l_hybrid", "l_vlb"]
 LossWeighting = Literal["none", "min_snr"]
@@ -43,12 +44,6 @@ OBJECTIVES: tuple[str, ...] = get_args(Objective)
 LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 HYBRID_LAMBDA = 0.001
 MIN_SNR_GAMMA = 5.0
-
-
-def snr(sched: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
-    """SNR_t = ᾱ_t / (1 − ᾱ_t) at schedule indices t: [B] int64 → [B] float64."""
-    abar = sched.to_tensor("alphas_cumprod", t, 1, torch.float64)
-    return abar / (1.0 - abar)
 
 
 def min_snr_weight(sched: NoiseSchedule, t: torch.Tensor, prediction: Prediction,
@@ -63,25 +58,6 @@ def min_snr_weight(sched: NoiseSchedule, t: torch.Tensor, prediction: Prediction
     if prediction == "x0":
         return clipped
     return clipped / (s + 1.0)
-
-
-def rescale_zero_terminal_snr(sched: NoiseSchedule) -> NoiseSchedule:
-    """Shift and scale √ᾱ so that ᾱ at the last index is 0 and ᾱ at index 0 is unchanged (Lin et al. 2024, Alg. 1):
-
-        √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),   β'_t = 1 − ᾱ'_t / ᾱ'_{t−1}  (so β'_{T−1} = 1)
-
-    Apply it to the full schedule before any respacing. The last step then has SNR 0: q(x_T | x_0) = N(0, I), ε̂ says
-    nothing about x_0 there, so train with prediction "v" and sample with a spacing that includes T−1 ("trailing").
-    """
-    if sched.timesteps[-1] != sched.num_timesteps - 1:
-        raise ValueError("rescale the full schedule, then respace it")
-    sqrt_abar = np.sqrt(sched.alphas_cumprod)
-    first, last = sqrt_abar[0], sqrt_abar[-1]
-    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
-    abar = sqrt_abar**2
-    betas = 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
-    with np.errstate(divide="ignore"):  # 1/ᾱ at the last index is inf
-        return NoiseSchedule.from_betas(betas)
 
 
 class ImportanceSampler:
@@ -159,10 +135,6 @@ def check_objective(objective: str, learn_variance: bool, loss_weighting: str) -
         raise ValueError("loss_weighting applies to the squared error of l_simple/l_hybrid, not to l_vlb")
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def training_losses(
     model: torch.nn.Module,
     sched: NoiseSchedule,
@@ -197,10 +169,10 @@ def training_losses(
     mean_output, var_output = split_output(output, learn_variance)
     assert mean_output.shape == x0.shape, f"model output {tuple(output.shape)} does not match x0 {tuple(x0.shape)}"
     terms: dict[str, torch.Tensor] = {}
-    loss = torch.zeros(x0.shape[0], dtype=_wide(x0).dtype, device=x0.device)
+    loss = torch.zeros(x0.shape[0], dtype=widen(x0).dtype, device=x0.device)
     if objective != "l_vlb":
         target = prediction_target(prediction, sched, x0, noise, t)
-        terms["mse"] = mean_flat((_wide(mean_output) - _wide(target)) ** 2)
+        terms["mse"] = mean_flat((widen(mean_output) - widen(target)) ** 2)
         snr_weight = 1.0 if loss_weighting == "none" else min_snr_weight(sched, t, prediction, snr_gamma)
         loss = loss + (snr_weight * terms["mse"]).to(loss.dtype)
     if objective != "l_simple":
@@ -210,11 +182,19 @@ def training_losses(
         pred = model_prediction(sched, x_t, t, frozen, prediction, learn_variance)
         model_mean, _, _ = q_posterior(sched, pred.x0, x_t, t)
         if pred.log_variance is None:
-            log_variance = p_variance(sched, t, x0.ndim, variance, x0.dtype)
+            log_variance = fixed_log_variance(sched, t, x0.ndim, variance, x0.dtype)
         else:
             log_variance = pred.log_variance
-        terms["vb"] = _wide(vlb_term(sched, x0, x_t, t, model_mean, log_variance))
+        terms["vb"] = widen(vlb_term(sched, x0, x_t, t, model_mean, log_variance))
         scale = sched.num_timesteps * (hybrid_lambda if objective == "l_hybrid" else 1.0)
         loss = loss + scale * terms["vb"]
     terms["loss"] = loss if weights is None else loss * weights.to(loss.dtype)
     return terms
+
+
+def drop_labels(y: torch.Tensor, num_classes: int, p_uncond: float, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Training labels for classifier-free guidance: each of y: [B] int64 replaced by the null class (num_classes)
+    with probability p_uncond, independently. → [B] int64 (a new tensor)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, num_classes), y)

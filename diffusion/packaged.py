@@ -20,11 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusion.guidance import Denoised
+from diffusion.samplers.base import Denoised
 from diffusion.losses import nll_bpd
-from diffusion.objectives import rescale_zero_terminal_snr
 from diffusion.parameterization import check_prediction, model_prediction, split_output
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, build_schedule
 from diffusion.unet import UNet, UNetConfig
 
 CONFIG_FILE = "config.json"
@@ -34,12 +33,6 @@ FORMAT_VERSION = 1
 MLFLOW_ARTIFACT = "diffusion_model"  # the key of this directory among an MLflow pyfunc model's artifacts
 CONFIG_KEYS = ("format", "format_version", "unet", "schedule", "num_timesteps", "prediction", "zero_terminal_snr",
                "class_names", "image_shape", "metadata")
-
-
-def build_schedule(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
-    """The training schedule by name ("linear" | "cosine"), zero-terminal-SNR rescaled when asked."""
-    sched = NoiseSchedule.from_name(name, num_timesteps)
-    return rescale_zero_terminal_snr(sched) if zero_terminal_snr else sched
 
 
 class DiffusionModel(nn.Module):

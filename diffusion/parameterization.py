@@ -1,4 +1,5 @@
-"""What a network predicts, and the one place its output becomes (ε̂, x̂_0, log Σ_θ).
+"""What a network predicts, and the one place its output becomes (ε̂, x̂_0, log Σ_θ); every choice of the
+reverse-process variance (fixed β̃ or β, or learned Σ_θ) is made here.
 
 Prediction types (x_t = a x_0 + b ε with a = √ᾱ_t, b = √(1 − ᾱ_t), eq. 4 of Ho et al. 2020):
 
@@ -32,13 +33,13 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import nn
 
 from diffusion.process import eps_from_x0, x0_from_eps
 from diffusion.schedule import NoiseSchedule
 
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+Variance = Literal["small", "large"]
 
 
 def check_prediction(prediction: str) -> None:
@@ -82,20 +83,33 @@ def prediction_target(prediction: Prediction, sched: NoiseSchedule, x0: torch.Te
     return v_from_eps_x0(noise, x0, _abar(sched, t, x0)).to(x0.dtype)
 
 
+def fixed_variance(sched: NoiseSchedule, i: int, variance: Variance) -> float:
+    """σ_i² of the reverse process with a fixed variance at schedule index i: "small" β̃_i or "large" β_i."""
+    if variance == "small":
+        return float(sched.posterior_variance[i])
+    if variance == "large":
+        return float(sched.betas[i])
+    raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+
+
+def fixed_log_variance(sched: NoiseSchedule, t: torch.Tensor, ndim: int, variance: Variance,
+                       dtype=torch.float32) -> torch.Tensor:
+    """log σ_t² of the reverse process: 'small' β̃_t (clipped at t=0) or 'large' β_t (β̃_1 at t=0). → [B, 1, ..., 1]."""
+    log_small = sched.to_tensor("posterior_log_variance_clipped", t, ndim, torch.float64)
+    if variance == "small":
+        return log_small.to(dtype)
+    if variance == "large":
+        log_beta = torch.log(sched.to_tensor("betas", t, ndim, torch.float64))
+        return torch.where(t.reshape(log_beta.shape) == 0, log_small, log_beta).to(dtype)
+    raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+
+
 def log_variance_from_frac(sched: NoiseSchedule, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """log Σ_θ = frac log β_t + (1 − frac) log β̃_t (clipped), frac = (v + 1)/2   (eq. 15). v: [B, ...] → [B, ...]."""
     frac = (v.double() + 1.0) / 2.0
     log_small = sched.to_tensor("posterior_log_variance_clipped", t, v.ndim, torch.float64)
     log_large = torch.log(sched.to_tensor("betas", t, v.ndim, torch.float64))
     return (frac * log_large + (1.0 - frac) * log_small).to(v.dtype)
-
-
-def frac_from_log_variance(sched: NoiseSchedule, t: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
-    """The variance channel v that gives `log_variance` (inverse of `log_variance_from_frac`). [B, ...] → [B, ...]."""
-    log_small = sched.to_tensor("posterior_log_variance_clipped", t, log_variance.ndim, torch.float64)
-    log_large = torch.log(sched.to_tensor("betas", t, log_variance.ndim, torch.float64))
-    frac = (log_variance.double() - log_small) / (log_large - log_small)
-    return (2.0 * frac - 1.0).to(log_variance.dtype)
 
 
 @dataclass(frozen=True)
@@ -136,25 +150,3 @@ def model_prediction(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, o
         eps, x0 = eps_from_v(x_t, pred, abar), x0_from_v(x_t, pred, abar)
     log_variance = None if var_values is None else log_variance_from_frac(sched, t, var_values)
     return ModelPrediction(eps=eps.to(x_t.dtype), x0=x0.to(x_t.dtype), log_variance=log_variance)
-
-
-class EpsModel(nn.Module):
-    """Any network seen as an ε-model: `EpsModel(net, sched, prediction, learn_variance)(x_t, t, *args) -> ε̂`.
-
-    `sched` is the network's training schedule and t: [B] int64 the ORIGINAL timesteps it is called with (what every
-    sampler passes), so ᾱ is looked up at t itself. Extra arguments (a class label) go to the network unchanged.
-    x_t: [B, C, H, W] → ε̂: [B, C, H, W]; the variance half, if any, is dropped.
-    """
-
-    def __init__(self, net: nn.Module, sched: NoiseSchedule, prediction: Prediction = "eps",
-                 learn_variance: bool = False):
-        super().__init__()
-        check_prediction(prediction)
-        if sched.timesteps[-1] != sched.num_timesteps - 1:
-            raise ValueError("EpsModel needs the network's original (not respaced) schedule")
-        self.net, self.sched = net, sched
-        self.prediction, self.learn_variance = prediction, learn_variance
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        output = self.net(x_t, t, *args, **kwargs)
-        return model_prediction(self.sched, x_t, t, output, self.prediction, self.learn_variance).eps

@@ -1,6 +1,7 @@
 """The samplers' catalog: names, options (defaults, bounds), default spacing and step count. Plain data, no torch.
 
-`diffusion.samplers.SAMPLERS` holds an implementation under each name here. Readers that must not load torch (the
+`diffusion.samplers.SAMPLERS` holds the definition registered under each name here (a sampler registered with a new
+entry adds it: `diffusion.samplers.register`). SAMPLER_NAMES are the built-in samplers. Readers that must not load torch (the
 HTTP ingress) and those that only list or validate (the CLI, the page, the pipeline spec) read this catalog.
 """
 
@@ -132,5 +133,5 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_SPECS)
 def sampler_spec(name: str) -> SamplerSpec:
     """The catalog entry of `name`; an unknown name is a ValueError listing the known ones."""
     if name not in SAMPLER_SPECS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLER_SPECS)}")
     return SAMPLER_SPECS[name]

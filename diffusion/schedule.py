@@ -177,7 +177,7 @@ def logsnr_timesteps(sched: NoiseSchedule, n: int) -> np.ndarray:
     T = sched.num_timesteps
     if not 1 <= n <= T:
         raise ValueError(f"number of steps must be in [1, {T}], got {n}")
-    lam = 0.5 * np.log(sched.alphas_cumprod / (1.0 - sched.alphas_cumprod))  # decreasing in the index
+    lam = np.array([log_snr(float(abar)) for abar in sched.alphas_cumprod])  # decreasing in the index
     targets = np.linspace(lam[0], lam[-1], n)
     steps = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
     for k in range(1, n):
@@ -186,3 +186,41 @@ def logsnr_timesteps(sched: NoiseSchedule, n: int) -> np.ndarray:
     for k in range(n - 2, -1, -1):
         steps[k] = min(steps[k], steps[k + 1] - 1)
     return steps
+
+
+def snr(sched: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """SNR_t = ᾱ_t / (1 − ᾱ_t) at schedule indices t: [B] int64 → [B] float64."""
+    abar = sched.to_tensor("alphas_cumprod", t, 1, torch.float64)
+    return abar / (1.0 - abar)
+
+
+def log_snr(abar: float) -> float:
+    """λ = log(√ᾱ / √(1 − ᾱ)); +∞ at ᾱ = 1, −∞ at ᾱ = 0 (zero terminal SNR: the first step is then first order)."""
+    if abar <= 0.0:
+        return -math.inf
+    return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1.0 - abar))
+
+
+def rescale_zero_terminal_snr(sched: NoiseSchedule) -> NoiseSchedule:
+    """Shift and scale √ᾱ so that ᾱ at the last index is 0 and ᾱ at index 0 is unchanged (Lin et al. 2024, Alg. 1):
+
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),   β'_t = 1 − ᾱ'_t / ᾱ'_{t−1}  (so β'_{T−1} = 1)
+
+    Apply it to the full schedule before any respacing. The last step then has SNR 0: q(x_T | x_0) = N(0, I), ε̂ says
+    nothing about x_0 there, so train with prediction "v" and sample with a spacing that includes T−1 ("trailing").
+    """
+    if sched.timesteps[-1] != sched.num_timesteps - 1:
+        raise ValueError("rescale the full schedule, then respace it")
+    sqrt_abar = np.sqrt(sched.alphas_cumprod)
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
+    abar = sqrt_abar**2
+    betas = 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
+    with np.errstate(divide="ignore"):  # 1/ᾱ at the last index is inf
+        return NoiseSchedule.from_betas(betas)
+
+
+def build_schedule(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
+    """The training schedule by name ("linear" | "cosine"), zero-terminal-SNR rescaled when asked."""
+    sched = NoiseSchedule.from_name(name, num_timesteps)
+    return rescale_zero_terminal_snr(sched) if zero_terminal_snr else sched

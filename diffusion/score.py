@@ -5,15 +5,14 @@ process is a discretised variance-preserving (Ornstein–Uhlenbeck) SDE.
     time      τ_i = Σ_{j ≤ i} β_j for schedule index i (array index 0 is the first noising step), so that
               ᾱ_i = Π (1 − β_j) = e^{−τ_i} (1 + O(Σ β_j²)): in τ every β is 1
     forward   dx = −½ x dτ + dW                                           (VP SDE with β(τ) ≡ 1)
-    reverse   dx = (½ x + s(x, τ)) dτ' + dW̄ for τ' = −τ                   (Anderson 1982)
-    PF-ODE    dx/dτ = −½ (x + s(x, τ))                                     (same marginals, deterministic)
+    reverse   dx = (½ x + s(x, τ)) dτ' + dW̄ for τ' = −τ                   (Anderson 1982; diffusion.samplers.sde)
+    PF-ODE    dx/dτ = −½ (x + s(x, τ))                                     (same marginals; diffusion.samplers.ode)
 
 `t` below is a schedule index: an int, or an int64 tensor [B] broadcast over x [B, ...].
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from diffusion.schedule import NoiseSchedule
@@ -33,26 +32,6 @@ def score_from_eps(sched: NoiseSchedule, eps: torch.Tensor, t: int | torch.Tenso
 def eps_from_score(sched: NoiseSchedule, score: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     """ε = −√(1 − ᾱ_t) s, the inverse of `score_from_eps`. score: [B, ...] → [B, ...]."""
     return -score * _sqrt_one_minus_abar(sched, t, score)
-
-
-def sde_time(sched: NoiseSchedule) -> np.ndarray:
-    """τ_i = Σ_{j ≤ i} β_j, float64 [T]: the VP SDE's time at each schedule index (ᾱ_i ≈ e^{−τ_i})."""
-    return np.cumsum(sched.betas)
-
-
-def vp_drift(x: torch.Tensor) -> torch.Tensor:
-    """f(x) = −½ x, the forward VP SDE's drift in τ (its diffusion coefficient is 1). x: [B, ...]."""
-    return -0.5 * x
-
-
-def reverse_drift(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """½ x + s: the reverse-time SDE's drift per unit of backward time τ' = −τ. x, score: [B, ...]."""
-    return 0.5 * x + score
-
-
-def probability_flow(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """dx/dτ = −½ (x + s): the probability-flow ODE's velocity in forward time τ. x, score: [B, ...]."""
-    return -0.5 * (x + score)
 
 
 def langevin_step(x: torch.Tensor, score: torch.Tensor, step_size: float | torch.Tensor,

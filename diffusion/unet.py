@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.labels import check_labels, null_labels
+
 PRESETS: dict[str, dict] = {
     # The paper's CIFAR-10 model.
     "cifar10": dict(image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)),
-    # Trains on CPU in minutes on the embedded 8×8 digits (≈1.0M parameters; ~500 img/s fwd+bwd per core).
+    # The embedded 8×8 digits on CPU (its size and speed: benchmarks/RESULTS.md).
     "small": dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
                   dropout=0.1, norm_groups=8),
     # For tests: a few thousand parameters' worth of compute per image.
@@ -242,21 +244,6 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def null_labels(num_classes: int, batch: int, device=None) -> torch.Tensor:
-    """[batch] int64 filled with the null class (index num_classes)."""
-    return torch.full((batch,), num_classes, dtype=torch.long, device=device)
-
-
-def check_labels(y: torch.Tensor, num_classes: int, batch: int) -> torch.Tensor:
-    """y: [batch] int64 with values in [0, num_classes] (num_classes = null); anything else is a ValueError."""
-    if y.shape != (batch,) or y.dtype != torch.long:
-        raise ValueError(f"class labels must be int64 [{batch}], got {y.dtype} {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
-        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = null), "
-                         f"got {sorted(set(y.tolist()))}")
-    return y
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""DDIM (Song et al. 2021): the step function (eq. 12), its `Sampler`, and deterministic inversion x_0 → x_T."""
+"""DDIM (Song et al. 2021): the step function (eq. 12), the sampler, and deterministic inversion x_0 → x_T."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch
 
 from diffusion.process import eps_from_x0, x0_from_eps
 from diffusion.sampler_specs import SAMPLER_SPECS
-from diffusion.samplers.base import Progress, Sampler, SamplerState, draw_noise, respaced
-from diffusion.samplers.loop import model_eps
+from diffusion.samplers.base import Progress, Steps, Walk, model_eps, register, respaced
 from diffusion.schedule import NoiseSchedule, Spacing
 
 
@@ -51,17 +50,15 @@ def ddim_step(
     return x_prev
 
 
-class DDIM(Sampler):
+@register(SAMPLER_SPECS["ddim"], zero_terminal_snr=True)
+def ddim(walk: Walk) -> Steps:
     """Eq. 12 on the respaced schedule; noise is drawn (after the model call) only when η > 0 and i > 0."""
-
-    spec = SAMPLER_SPECS["ddim"]
-    zero_terminal_snr = True
-
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        eta = state.options["eta"]
-        noise = draw_noise(state, generator) if eta > 0 and state.i > 0 else None
-        self.advance(state, ddim_step(state.sched, out.eps, state.x, state.i, eta, noise, state.options["clip_x0"],
-                                      out.x0))
+    x, eta = walk.x_T, walk.options["eta"]
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        noise = walk.noise() if eta > 0 and i > 0 else None
+        x = ddim_step(walk.sched, out.eps, x, i, eta, noise, walk.options["clip_x0"], out.x0)
+    return x
 
 
 @torch.no_grad()

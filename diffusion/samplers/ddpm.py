@@ -1,4 +1,4 @@
-"""DDPM ancestral sampling (Ho et al. 2020, Alg. 2): the step function and its `Sampler`."""
+"""DDPM ancestral sampling (Ho et al. 2020, Alg. 2): the step function and the sampler."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from typing import Literal
 
 import torch
 
-from diffusion.guidance import Denoised
-from diffusion.parameterization import log_variance_from_frac
+from diffusion.parameterization import fixed_variance, log_variance_from_frac
 from diffusion.process import x0_from_eps
 from diffusion.sampler_specs import SAMPLER_SPECS
-from diffusion.samplers.base import Sampler, SamplerState, draw_noise
+from diffusion.samplers.base import Steps, Walk, register
 from diffusion.schedule import NoiseSchedule
 
 
@@ -43,28 +42,22 @@ def ddpm_step(
     assert noise is not None and noise.shape == x_t.shape, "ddpm_step needs noise shaped like x_t for i > 0"
     if log_variance is not None:
         return mean + torch.exp(0.5 * log_variance).to(x_t.dtype) * noise
-    if variance == "small":
-        var = float(sched.posterior_variance[i])
-    elif variance == "large":
-        var = float(sched.betas[i])
-    else:
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    return mean + math.sqrt(var) * noise
+    return mean + math.sqrt(fixed_variance(sched, i, variance)) * noise
 
 
-class DDPM(Sampler):
+@register(SAMPLER_SPECS["ddpm"], zero_terminal_snr=True)
+def ddpm(walk: Walk) -> Steps:
     """Alg. 2 on the (possibly respaced) schedule; one model call per step, noise drawn after it for i > 0. A model
     with a learned variance sets σ_t itself (its values interpolate this schedule's β and β̃, as in improved-diffusion);
     the `variance` option then does not apply."""
-
-    spec = SAMPLER_SPECS["ddpm"]
-    zero_terminal_snr = True
-
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        noise = draw_noise(state, generator) if state.i > 0 else None
+    x = walk.x_T
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        noise = walk.noise() if i > 0 else None
         log_variance = None
         if out.var_values is not None:
-            t = torch.full((state.x.shape[0],), state.i, dtype=torch.long, device=state.x.device)
-            log_variance = log_variance_from_frac(state.sched, t, out.var_values)
-        self.advance(state, ddpm_step(state.sched, out.eps, state.x, state.i, noise, state.options["variance"],
-                                      state.options["clip_x0"], out.x0, log_variance))
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            log_variance = log_variance_from_frac(walk.sched, t, out.var_values)
+        x = ddpm_step(walk.sched, out.eps, x, i, noise, walk.options["variance"], walk.options["clip_x0"], out.x0,
+                      log_variance)
+    return x

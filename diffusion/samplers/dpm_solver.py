@@ -8,17 +8,9 @@ import math
 import torch
 
 from diffusion.process import x0_from_eps
-from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
-from diffusion.samplers.base import Sampler, SamplerState
-from diffusion.schedule import NoiseSchedule
-
-
-def log_snr(abar: float) -> float:
-    """λ = log(√ᾱ / √(1 − ᾱ)); +∞ at ᾱ = 1, −∞ at ᾱ = 0 (zero terminal SNR: the first step is then first order)."""
-    if abar <= 0.0:
-        return -math.inf
-    return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1.0 - abar))
+from diffusion.samplers.base import Steps, Walk, register
+from diffusion.schedule import NoiseSchedule, log_snr
 
 
 def log_snr_step(sched: NoiseSchedule, i: int) -> float:
@@ -48,19 +40,16 @@ def dpmpp_2m_step(sched: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, i: 
     return ratio * x_t - math.sqrt(abar_prev) * math.expm1(-h) * d
 
 
-class DPMSolverPP2M(Sampler):
-    """`dpmpp_2m_step` on the (by default log-SNR-uniform) respaced schedule; one model call per step; the state
-    carries the last x̂_0 and log-SNR step."""
-
-    spec = SAMPLER_SPECS["dpmpp-2m"]
-    zero_terminal_snr = True
-
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        sched, i = state.sched, state.i
-        x0 = x0_from_eps(state.x, out.eps, float(sched.alphas_cumprod[i])) if out.x0 is None else out.x0
-        if state.options["clip_x0"]:
+@register(SAMPLER_SPECS["dpmpp-2m"], zero_terminal_snr=True)
+def dpmpp_2m(walk: Walk) -> Steps:
+    """`dpmpp_2m_step` on the (by default log-SNR-uniform) respaced schedule; one model call per step, carrying the
+    last x̂_0 and log-SNR step."""
+    x, x0_last, h_last = walk.x_T, None, None
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        x0 = x0_from_eps(x, out.eps, float(walk.sched.alphas_cumprod[i])) if out.x0 is None else out.x0
+        if walk.options["clip_x0"]:
             x0 = x0.clamp(-1.0, 1.0)
-        x_prev = dpmpp_2m_step(sched, x0, state.x, i, state.memory.get("x0"), state.memory.get("h"))
-        state.memory["x0"] = x0
-        state.memory["h"] = log_snr_step(sched, i)
-        self.advance(state, x_prev)
+        x = dpmpp_2m_step(walk.sched, x0, x, i, x0_last, h_last)
+        x0_last, h_last = x0, log_snr_step(walk.sched, i)
+    return x

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.guidance import check_conditioning, denoise
-from diffusion.samplers.base import Progress
+from diffusion.labels import check_conditioning
+from diffusion.samplers.base import Progress, get_sampler
+from diffusion.samplers.guidance import denoise
 from diffusion.schedule import NoiseSchedule
-
-
-def model_eps(model: torch.nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
-    """ε̂ = model(x, t) with t (ORIGINAL units) broadcast to [B]; checks the output's shape. x: [B, C, H, W]."""
-    eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-    assert eps.shape == x.shape, f"model output {tuple(eps.shape)} != input {tuple(x.shape)}"
-    return eps.to(x.dtype)
 
 
 @torch.no_grad()
@@ -40,10 +34,8 @@ def sample(
     x_T ~ N(0, I) of `shape` is drawn from `generator` (on its device, or `device`) unless given; every later draw
     comes from the same generator, so a seed reproduces its samples. `options` are the sampler's (see
     `diffusion.sampler_specs`); one it does not take is a ValueError. `progress(calls done, calls in all)` runs after
-    each model call.
+    each model call; a run whose model calls differ from its catalog entry's count is an AssertionError.
     """
-    from diffusion.samplers.registry import get_sampler
-
     impl = get_sampler(sampler)
     check_conditioning(model, y, guidance_scale)
     device = device or (generator.device if generator is not None else "cpu")
@@ -56,6 +48,7 @@ def sample(
         impl.step(state, denoise(model, x_in, t_batch, y, guidance_scale), generator)
         if progress is not None:
             progress(state.nfe, total)
+    assert state.nfe == total, f"sampler {sampler!r} made {state.nfe} model calls, its catalog entry says {total}"
     return state.x
 
 

@@ -8,9 +8,8 @@ import math
 
 import torch
 
-from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
-from diffusion.samplers.base import Sampler, SamplerState
+from diffusion.samplers.base import Steps, Walk, register
 from diffusion.schedule import NoiseSchedule
 
 
@@ -34,33 +33,26 @@ def ode_heun_step(sched: NoiseSchedule, eps: torch.Tensor, eps_next: torch.Tenso
     return ode_euler_step(sched, 0.5 * (eps + eps_next), x_t, i)
 
 
-class ODEEuler(Sampler):
+@register(SAMPLER_SPECS["ode-euler"])
+def ode_euler(walk: Walk) -> Steps:
     """`ode_euler_step` on the (possibly respaced) schedule; one model call per step."""
+    x = walk.x_T
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        x = ode_euler_step(walk.sched, out.eps, x, i)
+    return x
 
-    spec = SAMPLER_SPECS["ode-euler"]
 
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        self.advance(state, ode_euler_step(state.sched, out.eps, state.x, state.i))
-
-
-class ODEHeun(Sampler):
+@register(SAMPLER_SPECS["ode-heun"])
+def ode_heun(walk: Walk) -> Steps:
     """Heun's method (Karras et al. 2022, Alg. 1): ε at x_i, an Euler proposal, ε again at the proposal, the
-    averaged step; 2 model calls per step except the last (to σ = 0), which stays Euler. Between the two calls the
-    state holds the proposal and the first ε."""
-
-    spec = SAMPLER_SPECS["ode-heun"]
-
-    def model_input(self, state: SamplerState) -> tuple[torch.Tensor, int]:
-        if "proposal" in state.memory:
-            return state.memory["proposal"], int(state.sched.timesteps[state.i - 1])
-        return super().model_input(state)
-
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        if "proposal" in state.memory:
-            del state.memory["proposal"]
-            self.advance(state, ode_heun_step(state.sched, state.memory.pop("eps"), out.eps, state.x, state.i))
-        elif state.i == 0:
-            self.advance(state, ode_euler_step(state.sched, out.eps, state.x, state.i))
-        else:
-            state.memory["proposal"] = ode_euler_step(state.sched, out.eps, state.x, state.i)
-            state.memory["eps"], state.nfe = out.eps, state.nfe + 1
+    averaged step; 2 model calls per step except the last (to σ = 0), which stays Euler."""
+    x = walk.x_T
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        if i == 0:
+            return ode_euler_step(walk.sched, out.eps, x, i)
+        proposal = ode_euler_step(walk.sched, out.eps, x, i)
+        out_next = yield proposal, walk.t(i - 1)
+        x = ode_heun_step(walk.sched, out.eps, out_next.eps, x, i)
+    return x

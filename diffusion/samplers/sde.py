@@ -7,9 +7,8 @@ import math
 
 import torch
 
-from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_SPECS
-from diffusion.samplers.base import Sampler, SamplerState, draw_noise
+from diffusion.samplers.base import Steps, Walk, register
 from diffusion.schedule import NoiseSchedule
 from diffusion.score import langevin_step, score_from_eps
 
@@ -39,34 +38,27 @@ def snr_step_size(score: torch.Tensor, noise: torch.Tensor, snr: float, alpha: f
     return 2.0 * alpha * snr**2 * ratio
 
 
-class ReverseSDE(Sampler):
+@register(SAMPLER_SPECS["sde"])
+def sde(walk: Walk) -> Steps:
     """`reverse_sde_step` on the (possibly respaced) schedule; one model call per step."""
+    x = walk.x_T
+    for i in walk.indices():
+        out = yield x, walk.t(i)
+        x = reverse_sde_step(walk.sched, out.eps, x, i, walk.noise() if i > 0 else None)
+    return x
 
-    spec = SAMPLER_SPECS["sde"]
 
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        noise = draw_noise(state, generator) if state.i > 0 else None
-        self.advance(state, reverse_sde_step(state.sched, out.eps, state.x, state.i, noise))
-
-
-class PredictorCorrector(Sampler):
+@register(SAMPLER_SPECS["pc"])
+def pc(walk: Walk) -> Steps:
     """At each noise level i: `corrector_steps` Langevin steps on p_{t_i} with the signal-to-noise step rule, then
     the reverse-SDE predictor to level i − 1. Each corrector step and each predictor step is one model call."""
-
-    spec = SAMPLER_SPECS["pc"]
-
-    def start(self, sched, x_T, steps=None, **options) -> SamplerState:
-        state = super().start(sched, x_T, steps, **options)
-        state.memory["corrections_left"] = state.options["corrector_steps"]
-        return state
-
-    def step(self, state: SamplerState, out: Denoised, generator: torch.Generator | None) -> None:
-        if state.memory["corrections_left"] > 0:
-            score, noise = score_from_eps(state.sched, out.eps, state.i), draw_noise(state, generator)
-            delta = snr_step_size(score, noise, state.options["snr"], float(state.sched.alphas[state.i]))
-            state.x, state.nfe = langevin_step(state.x, score, delta, noise), state.nfe + 1
-            state.memory["corrections_left"] -= 1
-            return
-        noise = draw_noise(state, generator) if state.i > 0 else None
-        self.advance(state, reverse_sde_step(state.sched, out.eps, state.x, state.i, noise))
-        state.memory["corrections_left"] = state.options["corrector_steps"]
+    x = walk.x_T
+    for i in walk.indices():
+        for _ in range(walk.options["corrector_steps"]):
+            out = yield x, walk.t(i)
+            score, noise = score_from_eps(walk.sched, out.eps, i), walk.noise()
+            delta = snr_step_size(score, noise, walk.options["snr"], float(walk.sched.alphas[i]))
+            x = langevin_step(x, score, delta, noise)
+        out = yield x, walk.t(i)
+        x = reverse_sde_step(walk.sched, out.eps, x, i, walk.noise() if i > 0 else None)
+    return x

@@ -69,9 +69,8 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
     """Run (or resume) the sweep's Tune experiment in output_dir; Ray must be initialised. Returns the best trial."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipelines.sweep.progress import LIVE, Progress
     from pipelines.sweep.trial import SweepTrial
 
     output_dir = Path(output_dir).resolve()
@@ -89,8 +88,6 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
                "tracking_uri": tracking_uri, "experiment": experiment, "sweep_run_id": sweep_run_id, "stage": stage}
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, context=context), {"CPU": TRIAL_ACTOR_CPUS})
     storage, path = output_dir / "tune", output_dir / "tune" / EXPERIMENT_NAME
-    from pipelines.sweep.progress import LIVE, Progress
-
     LIVE[str(output_dir)] = (status, progress_printer(status, log))  # a restored experiment's callback finds it too
     progress = Progress(str(output_dir))
     if tune.Tuner.can_restore(str(path)):
@@ -99,41 +96,57 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
                                    restart_errored=False)
         _reload_rows(status, path, config)
     else:
-        scheduler = None
-        if config.scheduler is not None:
-            # No rung at the last step (max_t below it, and trials past max_t are not stopped): a trial's final report
-            # is followed by logging its model, which a stop would cut short.
-            scheduler = ASHAScheduler(time_attr="step", grace_period=config.scheduler.grace_steps,
-                                      max_t=config.train.steps - 1, reduction_factor=config.scheduler.reduction_factor,
-                                      stop_last_trials=False)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={key: domain.to_tune() for key, domain in config.search.items()},
-            tune_config=tune.TuneConfig(
-                metric=config.metric.name, mode=config.metric.mode, num_samples=config.num_trials,
-                scheduler=scheduler,
-                # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials beside a given one
-                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
-                trial_dirname_creator=lambda trial: f"trial-{trial_index(trial.trial_id):03d}"),
-            run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
-        )
+        tuner = _new_tuner(config, trainable, storage, progress)
     log(f"[raydiff sweep] {stage}: {status.total} trials, {config.max_concurrent} at a time, "
         f"{config.metric.mode} {config.metric.name}" + (f", ASHA from step {config.scheduler.grace_steps}"
                                                         if config.scheduler else ""))
+    grid = _fit(tuner, output_dir)
+    _collect(status, grid, output_dir)
+    status.write(output_dir)
+    return SweepResult(best=status.best(finished_only=True), status=status, artifacts=[])
+
+
+def _new_tuner(config: SweepConfig, trainable, storage: Path, progress):
+    """A fresh Tune experiment under `storage`: the search space, ASHA when configured, the concurrency limit."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    scheduler = None
+    if config.scheduler is not None:
+        # No rung at the last step (max_t below it, and trials past max_t are not stopped): a trial's final report
+        # is followed by logging its model, which a stop would cut short.
+        scheduler = ASHAScheduler(time_attr="step", grace_period=config.scheduler.grace_steps,
+                                  max_t=config.train.steps - 1, reduction_factor=config.scheduler.reduction_factor,
+                                  stop_last_trials=False)
+    return tune.Tuner(
+        trainable,
+        param_space={key: domain.to_tune() for key, domain in config.search.items()},
+        tune_config=tune.TuneConfig(
+            metric=config.metric.name, mode=config.metric.mode, num_samples=config.num_trials,
+            scheduler=scheduler,
+            # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials beside a given one
+            search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
+            trial_dirname_creator=lambda trial: f"trial-{trial_index(trial.trial_id):03d}"),
+        run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
+    )
+
+
+def _fit(tuner, output_dir: Path):
+    """Run the experiment to its end (saving its state every few seconds); the live progress entry is dropped."""
+    from pipelines.sweep.progress import LIVE
+
     # Tune saves the experiment state at most every 10 s by default; a driver killed in between would run trials
     # again that had finished. The state of a sweep is small, so save it every few seconds.
     saved = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = saved or str(STATE_SAVE_S)
     try:
-        grid = tuner.fit()
+        return tuner.fit()
     finally:
         LIVE.pop(str(output_dir), None)
         if saved is None:
             os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
-    _collect(status, grid, output_dir)
-    status.write(output_dir)
-    return SweepResult(best=status.best(finished_only=True), status=status, artifacts=[])
 
 
 def _reload_rows(status: SweepStatus, path: Path, config: SweepConfig) -> None:

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion.guidance import denoise, drop_labels
+from diffusion.objectives import drop_labels
 from diffusion.packaged import DiffusionModel
 from diffusion.samplers import SAMPLERS, sample
+from diffusion.samplers.guidance import denoise
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet, UNetConfig
 

@@ -13,9 +13,10 @@ from diffusion.losses import (
     prior_bpd,
     vlb_terms,
 )
-from diffusion.parameterization import frac_from_log_variance, prediction_target
+from diffusion.parameterization import prediction_target
 from diffusion.process import predict_x0
 from diffusion.schedule import NoiseSchedule
+from tests.diffusion.oracles import frac_from_log_variance
 from tests.diffusion.oracles import GaussianOracle, discretized_gaussian_probs
 
 GRID = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 values of 8-bit data in [−1, 1]

@@ -10,13 +10,11 @@ from diffusion.objectives import (
     HYBRID_LAMBDA,
     ImportanceSampler,
     min_snr_weight,
-    rescale_zero_terminal_snr,
-    snr,
     training_losses,
 )
 from diffusion.parameterization import prediction_target
 from diffusion.process import predict_x0, q_sample
-from diffusion.schedule import NoiseSchedule, spaced_timesteps
+from diffusion.schedule import NoiseSchedule, rescale_zero_terminal_snr, snr, spaced_timesteps
 from tests.diffusion.oracles import GaussianOracle, discretized_gaussian_probs
 
 SCHED = NoiseSchedule.linear()

@@ -10,11 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusion.guidance import Denoised
-from diffusion.objectives import rescale_zero_terminal_snr
 from diffusion.packaged import DiffusionModel
-from diffusion.samplers import ddpm_step, sample
-from diffusion.schedule import NoiseSchedule
+from diffusion.samplers import Denoised, ddpm_step, sample
+from diffusion.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from diffusion.unet import UNet, UNetConfig
 from tests.diffusion.oracles import GaussianOracle
 

@@ -4,11 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.objectives import rescale_zero_terminal_snr
 from diffusion.parameterization import (
-    EpsModel,
     eps_from_v,
-    frac_from_log_variance,
     log_variance_from_frac,
     model_prediction,
     prediction_target,
@@ -16,7 +13,8 @@ from diffusion.parameterization import (
     x0_from_v,
 )
 from diffusion.process import eps_from_x0, q_sample, x0_from_eps
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, rescale_zero_terminal_snr
+from tests.diffusion.oracles import EpsModel, frac_from_log_variance
 from tests.diffusion.oracles import GaussianOracle
 
 SCHED = NoiseSchedule.linear()

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, sampler_spec
-from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, model_eps, sample
+from diffusion.samplers import SAMPLERS, Denoised, ddim_sample, ddpm_sample, model_eps, sample
 from diffusion.schedule import NoiseSchedule, spaced_timesteps
 from tests.diffusion.oracles import GaussianOracle
 from tests.diffusion.test_samplers import _exact_final_moments

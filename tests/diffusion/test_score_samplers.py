@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.guidance import Denoised
 from diffusion.sampler_specs import SAMPLER_NAMES, sampler_spec
-from diffusion.samplers import SAMPLERS, ddim_step, ddpm_step, ode_euler_step, reverse_sde_step, sample
+from diffusion.samplers import SAMPLERS, Denoised, ddim_step, ddpm_step, ode_euler_step, reverse_sde_step, sample
 from diffusion.schedule import NoiseSchedule, logsnr_timesteps
-from diffusion.score import eps_from_score, langevin_step, score_from_eps, sde_time
-from tests.diffusion.oracles import GaussianOracle
+from diffusion.score import eps_from_score, langevin_step, score_from_eps
+from tests.diffusion.oracles import GaussianOracle, sde_time
 
 MU, S = 0.3, 0.15
 SCHED = NoiseSchedule.linear()
@@ -43,7 +42,7 @@ def run(name, sched, x_T, steps, generator=None, stop_before_last=False, **optio
     impl, model = SAMPLERS[name], GaussianOracle(SCHED, MU, S)
     state = impl.start(sched, x_T, steps, **options)
     while not state.done:
-        if stop_before_last and state.i == 0 and "proposal" not in state.memory:
+        if stop_before_last and state.nfe == impl.total_calls(state) - 1:  # state.x: the last call's input
             break
         x, t = impl.model_input(state)
         impl.step(state, Denoised(model(x, torch.full((x.shape[0],), t))), generator)
