@@ -20,7 +20,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SPAN = re.compile(r"`([^`\n]+)`")
 DOTTED_KEY = re.compile(r"^(?:stages\.)?([a-z_]+(?:\.[a-z_0-9]+)+)$")
-FILE_SUFFIX = re.compile(r"\.(py|md|json|ya?ml|png|csv|txt|mmd|log)$")
+FILE_SUFFIX = re.compile(r"\.(py|md|json|ya?ml|toml|png|csv|txt|mmd|log|safetensors|pth?|bin|npz|npy|tar|gz|html)$")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
