@@ -18,7 +18,7 @@ runs one to the end). A sampler's noise comes from `walk.noise()`, drawn from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Generator
 

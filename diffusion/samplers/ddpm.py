@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-from diffusion.parameterization import fixed_variance, log_variance_from_frac
+from diffusion.parameterization import Variance, fixed_variance, log_variance_from_frac
 from diffusion.process import x0_from_eps
 from diffusion.sampler_specs import SAMPLER_SPECS
 from diffusion.samplers.base import Steps, Walk, register
@@ -20,7 +19,7 @@ def ddpm_step(
     x_t: torch.Tensor,
     i: int,
     noise: torch.Tensor | None,
-    variance: Literal["small", "large"] = "small",
+    variance: Variance = "small",
     clip_x0: bool = True,
     x0: torch.Tensor | None = None,
     log_variance: torch.Tensor | None = None,
