@@ -61,7 +61,7 @@ def add_commands(subparsers) -> None:
     imported.add_argument("directory", help="a diffusers DDPMPipeline directory (unet/, scheduler/)")
     imported.add_argument("--name", required=True, help="registered model name")
     imported.add_argument("--alias", default="champion", help="alias set to the new version ('' for none)")
-    imported.add_argument("--experiment", default="raydiff-imports")
+    imported.add_argument("--experiment", default="raydiff-imports", help="MLflow experiment of the import run")
     imported.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     imported.set_defaults(func=cmd_import_diffusers)
 
