@@ -96,8 +96,8 @@ def test_mlflow_models_serve_answers_with_the_same_samples(store, tmp_path):
     process = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/tiny@champion",
                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                                env={**os.environ, "MLFLOW_TRACKING_URI": uri,
-                                    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                                    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", process)
         body = json.dumps({"dataframe_split": {"columns": ["num_samples"], "data": [[2]]}, "params": PARAMS})
