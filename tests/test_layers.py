@@ -1,7 +1,7 @@
 """The layer rule of README "Layout" (DESIGN.md's table), checked on every import statement in the tree, including
 imports inside functions: diffusion/ imports only torch, numpy, safetensors (diffusers in interop.py) and the
-standard library; pipelines/ and services/ never import each other; inside pipelines/ only the runner and the CLI import the runner; the HTTP ingress never
-loads torch."""
+standard library; pipelines/ and services/ never import each other; inside pipelines/ only the runner and the CLI
+import the runner; the HTTP ingress never loads torch."""
 
 import ast
 import subprocess
