@@ -13,7 +13,7 @@ same sampler's unconditional (null-class) samples (target: no worse).
         [--samplers ddpm-1000 ddim-10 dpmpp-2m-10 ...] [--num-samples 500] [--quick] [--json PATH] [--output-dir DIR]
         [--guidance-scales 1 2 3 5] [--guidance-sampler ddim-50]
 
-`--model-uri` is anything `mlflow.pytorch.load_model` accepts (runs:/…, models:/…, a local model directory).
+`--model-uri` is a logged raydiff model (runs:/…, models:/…) or a local `save_pretrained` model directory.
 Data: scikit-learn digits at the model's resolution with a seeded 80/20 split (`--split-seed`); a model trained by
 the pipeline's ingest split may have seen some of these test images, which flatters its bits/dim and the FID of the
 samplers that reproduce training images most faithfully. So for a model that a pipeline trained the benchmark reads
@@ -79,14 +79,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(uri: str, tracking_uri: str | None, device: str) -> torch.nn.Module:
     import mlflow
-    import mlflow.pytorch
 
+    from diffusion.packaged import CONFIG_FILE, DiffusionModel
+    from pipelines.modelstore import load_model as load_logged
+
+    if (Path(uri) / CONFIG_FILE).is_file():
+        return DiffusionModel.from_pretrained(uri, device)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(uri, map_location=device)
-    if not (hasattr(model, "schedule") and hasattr(model, "image_shape")):
-        raise SystemExit(f"--model-uri {uri!r} holds a {type(model).__name__}, not a diffusion.packaged.DiffusionModel")
-    return model.to(device).eval()
+    return load_logged(uri, device)
 
 
 def pipeline_splits(model: torch.nn.Module, tracking_uri: str | None) -> tuple[Path, Path] | None:

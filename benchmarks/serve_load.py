@@ -61,11 +61,11 @@ def free_port() -> int:
 def register_model(tmp: Path, preset: str) -> tuple[str, str]:
     """An (untrained: throughput does not depend on the weights) DiffusionModel registered as bench@champion."""
     import mlflow
-    import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
     from diffusion.packaged import DiffusionModel
     from diffusion.unet import UNet, UNetConfig
+    from pipelines.modelstore import log_model
 
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     mlflow.set_tracking_uri(uri)
@@ -76,7 +76,7 @@ def register_model(tmp: Path, preset: str) -> tuple[str, str]:
     model = DiffusionModel(UNet(UNetConfig.preset(preset)), "linear", 1000, metadata={"preset": preset})
     with mlflow.start_run(experiment_id=exp) as run:
         model.metadata["training_run_id"] = run.info.run_id
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+        log_model(model)
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "bench").version
     client.set_registered_model_alias("bench", "champion", version)
     return "models:/bench@champion", uri

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import psutil
 import pytest
 import torch
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from diffusion.packaged import DiffusionModel
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.stage import run_ingest
+from pipelines.modelstore import load_model
 from pipelines.train.config import TrainConfig
 from pipelines.train.stage import run_training
 
@@ -66,7 +66,7 @@ def test_training_loss_falls_and_everything_lands_in_mlflow(digits_8x8, tmp_path
     artifacts = {a.path for d in ("elbo", "samples") for a in client.list_artifacts(result.run_id, d)}
     assert artifacts == {"elbo/vb_per_t_step120.png", "samples/ddpm-20_step120.png", "samples/ddim-5_step120.png"}
     mlflow.set_tracking_uri(mlflow_uri)
-    model = mlflow.pytorch.load_model(result.model_uri)
+    model = load_model(result.model_uri)
     assert isinstance(model, DiffusionModel) and model.image_shape == (1, 8, 8)
     assert model.metadata["training_steps"] == 120
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_conditional_hybrid_v_model_trains_and_packages_what_sampling_and_the_el
     for key in ("loss", "mse", "loss_vb_bpd", "val_bpd", "val_decoder_bpd"):
         assert key in run.data.metrics, key
     mlflow.set_tracking_uri(mlflow_uri)
-    model = mlflow.pytorch.load_model(result.model_uri)
+    model = load_model(result.model_uri)
     assert model.num_classes == 10 and model.class_names == tuple(str(k) for k in range(10))
     assert model.prediction == "v" and model.learn_variance
     info = mlflow.models.get_model_info(result.model_uri)
