@@ -28,8 +28,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffusion.ema import EMA
-from diffusion.guidance import drop_labels
-from diffusion.objectives import ImportanceSampler, training_losses
+from diffusion.objectives import ImportanceSampler, drop_labels, training_losses
 from diffusion.packaged import DiffusionModel, build_schedule
 from diffusion.unet import UNet, UNetConfig
 from pipelines.storage import localize

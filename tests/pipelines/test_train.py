@@ -1,5 +1,6 @@
 """Ray Train training with real local Ray (2 CPU workers), real webdataset shards and a real sqlite MLflow store."""
 
+import contextlib
 import json
 import signal
 import threading
@@ -84,8 +85,13 @@ def test_second_invocation_resumes_the_same_run(digits_8x8, tmp_path, mlflow_uri
 
 
 def _train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    """Ray Train workers of this test session's Ray (its raylet is a child of this process), never another's."""
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                pids.append(process.pid)
+    return pids
 
 
 def _registered_checkpoint(snapshot: Path) -> bool:
