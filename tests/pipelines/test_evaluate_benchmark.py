@@ -18,12 +18,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_sampling_quality_benchmark_writes_numbers(tmp_path, tmp_path_factory):
-    import mlflow.pytorch
-
     torch.manual_seed(0)
     model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50)
     model_dir = tmp_path / "model"
-    mlflow.pytorch.save_model(model, model_dir, serialization_format="pickle", pip_requirements=["torch"])
+    model.save_pretrained(model_dir)
     out_json = tmp_path / "numbers.json"
     cmd = [sys.executable, "-m", "benchmarks.sampling_quality", "--model-uri", str(model_dir), "--quick",
            "--samplers", "ddpm-10", "ddim-5", "--num-samples", "40", "--bpd-batch-size", "4",
@@ -46,12 +44,10 @@ def test_sampling_quality_rejects_a_bad_sampler_string(tmp_path):
 
 
 def test_sampling_quality_benchmark_sweeps_guidance_on_a_conditional_model(tmp_path, tmp_path_factory):
-    import mlflow.pytorch
-
     torch.manual_seed(0)
     model = DiffusionModel(UNet(UNetConfig.preset("tiny", num_classes=10)), "linear", 50)
     model_dir = tmp_path / "model"
-    mlflow.pytorch.save_model(model, model_dir, serialization_format="pickle", pip_requirements=["torch"])
+    model.save_pretrained(model_dir)
     out_json = tmp_path / "numbers.json"
     cmd = [sys.executable, "-m", "benchmarks.sampling_quality", "--model-uri", str(model_dir), "--quick",
            "--samplers", "ddim-2", "--guidance-scales", "1", "2", "--guidance-sampler", "ddim-2", "--num-samples", "20",
@@ -74,12 +70,10 @@ def test_sampling_quality_benchmark_sweeps_guidance_on_a_conditional_model(tmp_p
 
 
 def test_sampling_quality_refuses_guidance_flags_on_an_unconditional_model(tmp_path):
-    import mlflow.pytorch
-
     from benchmarks.sampling_quality import main
 
     model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50)
-    mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle", pip_requirements=["torch"])
+    model.save_pretrained(tmp_path / "model")
     with pytest.raises(SystemExit, match="--guidance-scales / --guidance-sampler need a class-conditional model"):
         main(["--model-uri", str(tmp_path / "model"), "--guidance-scales", "2"])
 
