@@ -52,11 +52,11 @@ TRAINING_STEPS = 400  # far more than run before the signal
 def logged_model(tmp_path_factory) -> tuple[str, str]:
     """(tracking URI, runs:/… URI) of an untrained tiny DiffusionModel logged to a fresh sqlite store."""
     import mlflow
-    import mlflow.pytorch
     import torch
 
     from diffusion.packaged import DiffusionModel
     from diffusion.unet import UNet, UNetConfig
+    from pipelines.modelstore import log_model
     from pipelines.tracking import ensure_experiment, use_tracking_uri
 
     tracking_uri = f"sqlite:///{tmp_path_factory.mktemp('shutdown-mlflow') / 'mlruns.db'}"
@@ -64,7 +64,7 @@ def logged_model(tmp_path_factory) -> tuple[str, str]:
     model = DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 100).eval()
     experiment_id = ensure_experiment(tracking_uri, "shutdown")
     with use_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+        log_model(model)
     return tracking_uri, f"runs:/{run.info.run_id}/model"
 
 
