@@ -3,11 +3,12 @@
 import os
 
 import mlflow
-import mlflow.pytorch
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
+from diffusion.packaged import DiffusionModel
+from diffusion.unet import UNet, UNetConfig
+from pipelines.modelstore import log_model
 from pipelines.register.registry import METRIC_TAG, beats, register_model
 
 
@@ -16,8 +17,7 @@ def model_uri(mlflow_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # mlflow.set_tracking_uri sets it; monkeypatch restores it
     mlflow.set_tracking_uri(mlflow_uri)
     with mlflow.start_run() as run:
-        mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="model", serialization_format="pickle",
-                                 pip_requirements=["torch"])
+        log_model(DiffusionModel(UNet(UNetConfig.preset("tiny")), "linear", 50))
         mlflow.log_metric("test_bpd", 9.0)
     yield f"runs:/{run.info.run_id}/model"
     mlflow.set_tracking_uri(None)
