@@ -4,9 +4,10 @@ predicts, its classes and the image spec.
 On disk a model is a directory (`save_pretrained(dir)` / `DiffusionModel.from_pretrained(dir)`): `config.json`
 (U-Net config, schedule, prediction type, zero terminal SNR, classes, image shape, training provenance) and
 `model.safetensors` (the weights). Loading reads JSON and raw tensors only, never a pickle; an unknown config key, a
-missing or extra tensor, or a tensor of the wrong shape is a ValueError naming it. `model(x_t, t, y=None)` is always ε̂ (whatever the network predicts: eps, v or x0), so every
+missing or extra tensor, or a tensor of the wrong shape is a ValueError naming it.
+`model(x_t, t, y=None)` is always ε̂ (whatever the network predicts: eps, v or x0), so every
 ε-sampler works unchanged; `model.denoise(x_t, t, y)` gives ε̂, x̂_0 and the learned-variance values
-(`diffusion.guidance.Denoised`); `model.nll_bpd(x0)` is the ELBO with the model's own Σ_θ; `model.schedule()`
+(`diffusion.samplers.base.Denoised`); `model.nll_bpd(x0)` is the ELBO with the model's own Σ_θ; `model.schedule()`
 rebuilds the training schedule (zero-terminal-SNR rescaled if trained so).
 """
 
