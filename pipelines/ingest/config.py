@@ -38,7 +38,11 @@ class ImageConfig(StrictConfig):
 
 
 class SplitConfig(StrictConfig):
-    """Fractions of val and test (train gets the rest), assigned by a stable hash of (seed, key)."""
+    """Fractions of val and test (train gets the rest), assigned by a stable hash of (seed, key).
+
+    A source with an official test set keeps it (CIFAR-10: test_batch is the test split, its 10,000 images, so FID
+    and bits/dim compare with the papers); `test` is not drawn from it, and `val` is drawn from its training images.
+    """
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
     test: float = Field(0.1, ge=0.0, lt=1.0)

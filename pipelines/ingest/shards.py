@@ -16,8 +16,15 @@ SPLITS = ("train", "val", "test")
 _END = b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
 
 
-def assign_split(key: str, val: float, test: float, seed: int) -> str:
-    """"train" / "val" / "test" from a stable hash of (seed, key): the same key always lands in the same split."""
+def assign_split(key: str, val: float, test: float, seed: int, official: str | None = None) -> str:
+    """"train" / "val" / "test" from a stable hash of (seed, key): the same key always lands in the same split.
+
+    `official`: the split the source itself puts the sample in (CIFAR-10's test_batch is "test", its data batches
+    "train"): an official test sample stays in test, an official train sample goes to train or val (no test draw)."""
+    if official == "test":
+        return "test"
+    if official == "train":
+        test = 0.0
     u = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") / 2.0**64
     return "test" if u < test else "val" if u < test + val else "train"
 

@@ -188,8 +188,9 @@ def _plan_cifar10(path: Path, parallelism: int, scratch: Path) -> SourcePlan:
     for name in names:
         with open(batch_dir / name, "rb") as f:
             count = len(pickle.load(f, encoding="bytes")[b"labels"])
-        units += [{"kind": "cifar10", "file": str(batch_dir / name), "name": name, "start": a, "stop": b}
-                  for a, b in _chunks(count, unit_size)]
+        official = "test" if name == "test_batch" else "train"  # the paper's 50,000 / 10,000 split
+        units += [{"kind": "cifar10", "file": str(batch_dir / name), "name": name, "start": a, "stop": b,
+                   "official_split": official} for a, b in _chunks(count, unit_size)]
         total += count
     return SourcePlan(digest, units, total, list(CIFAR10_CLASSES))
 

@@ -33,7 +33,7 @@ from pipelines.ingest.shards import SPLITS, ShardWriter, assign_split, sample_ta
 from pipelines.ingest.sources import SourcePlan, expand_unit, plan_source
 from pipelines.stage import StageContext, StageKind, StageResult
 
-CODE_VERSION = "1"  # bump when the bytes written for the same inputs change
+CODE_VERSION = "2"  # bump when the bytes written for the same inputs change
 SUMMARY = "ingest.json"
 
 
@@ -65,8 +65,9 @@ def process_units(batch: dict, size: int, channels: int, resize: str, val: float
     for blob in batch["unit"]:
         parts: dict[str, list[bytes]] = {name: [] for name in SPLITS}
         rejects = []
-        for key, label, origin, data in expand_unit(pickle.loads(blob)):
-            split = assign_split(key, val, test, seed)
+        unit = pickle.loads(blob)
+        for key, label, origin, data in expand_unit(unit):
+            split = assign_split(key, val, test, seed, unit.get("official_split"))
             try:
                 if isinstance(data, RejectedImage):
                     raise data
@@ -117,7 +118,8 @@ def _convert(config: IngestConfig, plan: SourcePlan, parallelism: int, work: Pat
     import ray
     from tqdm import tqdm
 
-    splits = [s for s in SPLITS if s == "train" or getattr(config.split, s) > 0]
+    official_test = any(unit.get("official_split") == "test" for unit in plan.units)
+    splits = [s for s in SPLITS if s == "train" or getattr(config.split, s) > 0 or (s == "test" and official_test)]
     writers = {s: ShardWriter(work / s, s, config.shard.sample_limit, config.shard.bytes_per_shard) for s in splits}
     for s in splits:
         (work / s).mkdir(parents=True)

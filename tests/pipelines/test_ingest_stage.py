@@ -215,8 +215,12 @@ def test_cifar10_python_archive(ray_session, tmp_path):
     config = IngestConfig.model_validate({"source": {"kind": "cifar10", "path": archive_path},
                                           "image": {"size": 32, "channels": 3}, "split": {"val": 0.5, "test": 0.0}})
     result = run_ingest(config, tmp_path / "out", progress=False)
-    assert sum(result.num_samples.values()) == 60 and set(result.splits) == {"train", "val"}
+    assert sum(result.num_samples.values()) == 60 and set(result.splits) == {"train", "val", "test"}
     got = read_all(result.splits.values())
+    # the official split: test_batch is the test split, whole; val is drawn from the data batches only
+    assert result.num_samples["test"] == 10 and result.num_samples["train"] + result.num_samples["val"] == 50
+    assert {key.split("-")[1] for key in read_all([result.splits["test"]])} == {"test_batch"}
+    assert {key.split("-")[1] for key in read_all([result.splits["val"]])} <= {f"data_batch_{i}" for i in range(1, 6)}
     assert np.array_equal(got["cifar10-data_batch_1-00000"][0], first.reshape(3, 32, 32).transpose(1, 2, 0))
     assert load_manifest(result.splits["val"])["classes"][0] == "airplane"
     assert json.loads((result.output_dir / "ingest.json").read_text())["num_samples"] == result.num_samples
