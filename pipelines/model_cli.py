@@ -14,31 +14,33 @@ import argparse
 import os
 
 
-def _tracking(args: argparse.Namespace) -> str:
-    import mlflow
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the local default (a relative sqlite path made absolute)."""
+    from pipelines.tracking import absolute_sqlite, resolve_tracking_uri
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
+    return absolute_sqlite(args.tracking_uri) if args.tracking_uri else resolve_tracking_uri(None)
 
 
 def cmd_import_diffusers(args: argparse.Namespace) -> int:
     """Log a local diffusers DDPM directory as a raydiff model, register it under --name and (with --alias) point the
-    alias at the new version."""
+    alias at the new version. MLflow's process-wide state (tracking URI, active experiment) is left as it was."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from diffusion.interop import load_diffusers_dir
     from pipelines.modelstore import log_model
+    from pipelines.tracking import ensure_experiment, use_tracking_uri
 
-    uri = _tracking(args)
+    uri = _tracking_uri(args)
     model = load_diffusers_dir(args.directory)
-    mlflow.set_experiment(args.experiment)
-    with mlflow.start_run(run_name=f"import {os.path.basename(os.path.normpath(args.directory))}") as run:
-        model.metadata.update({"training_run_id": run.info.run_id, "imported_from": os.path.abspath(args.directory)})
-        log_model(model)
-    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", args.name).version
+    experiment_id = ensure_experiment(uri, args.experiment)
+    run_name = f"import {os.path.basename(os.path.normpath(args.directory))}"
+    with use_tracking_uri(uri):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+            model.metadata.update({"training_run_id": run.info.run_id,
+                                   "imported_from": os.path.abspath(args.directory)})
+            log_model(model)
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/model", args.name).version
     if args.alias:
         MlflowClient(uri).set_registered_model_alias(args.name, args.alias, version)
     print(f"registered models:/{args.name}/{version}" + (f" (@{args.alias})" if args.alias else ""))
@@ -49,9 +51,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write the model at MODEL_URI as a diffusers DDPMPipeline directory."""
     from diffusion.interop import save_diffusers_dir
     from pipelines.modelstore import load_model
+    from pipelines.tracking import use_tracking_uri
 
-    _tracking(args)
-    save_diffusers_dir(load_model(args.model_uri), args.output)
+    with use_tracking_uri(_tracking_uri(args)):
+        save_diffusers_dir(load_model(args.model_uri), args.output)
     print(f"wrote {args.output} (diffusers.DDPMPipeline.from_pretrained loads it)")
     return 0
 

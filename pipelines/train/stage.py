@@ -164,9 +164,9 @@ def log_model(model: DiffusionModel, run_id: str, tracking_uri: str) -> None:
     import mlflow
 
     from pipelines.modelstore import log_model as log_packaged
+    from pipelines.tracking import use_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         log_packaged(model)
 
 

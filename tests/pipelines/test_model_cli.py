@@ -1,6 +1,9 @@
 """`raydiff import-diffusers` registers a diffusers DDPM directory in MLflow (loadable like a trained model) and
 `raydiff export --format diffusers` writes a directory that diffusers.DDPMPipeline.from_pretrained loads."""
 
+import os
+
+import mlflow
 import torch
 from diffusers import DDPMPipeline
 from torch import nn
@@ -19,8 +22,12 @@ def test_import_then_export_round_trips_through_the_registry(mlflow_uri, tmp_pat
     for param in model.parameters():
         nn.init.normal_(param, std=0.05)
     save_diffusers_dir(model.eval(), tmp_path / "hub-dir")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     assert main(["import-diffusers", str(tmp_path / "hub-dir"), "--name", "imported",
                  "--tracking-uri", mlflow_uri]) == 0
+    # MLflow's process-wide state stays as it was, so later code in this process talks to its own store
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ and os.environ.get("MLFLOW_TRACKING_URI") != mlflow_uri
+    assert mlflow.get_registry_uri() != mlflow_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     registered = load_model("models:/imported@champion")
     assert registered.config == model.config and registered.num_timesteps == 100
