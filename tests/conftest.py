@@ -13,6 +13,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _registry_uri_left_as_found():
+    """mlflow.set_registry_uri sets MLFLOW_REGISTRY_URI and never unsets it; a test that sets it must not send
+    every later MlflowClient of this process to its store."""
+    before = os.environ.get("MLFLOW_REGISTRY_URI")
+    yield
+    if os.environ.get("MLFLOW_REGISTRY_URI") != before:
+        from mlflow.tracking._model_registry import utils as registry
+
+        registry._registry_uri = before
+        if before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray started once per test session (startup costs ~5 s).

@@ -44,8 +44,7 @@ def store(tmp_path_factory):
     """(tracking URI, the logged model): `tiny` version 1 with alias champion."""
     root = tmp_path_factory.mktemp("modelstore")
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # the registry follows it (setting one would leave MLFLOW_REGISTRY_URI behind)
     experiment = MlflowClient(uri).create_experiment("models", artifact_location=(root / "artifacts").as_uri())
     model = tiny_model()
     with mlflow.start_run(experiment_id=experiment) as run:
@@ -54,7 +53,6 @@ def store(tmp_path_factory):
     MlflowClient(uri).set_registered_model_alias("tiny", "champion", version)
     yield uri, model, experiment
     mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def expected_samples(model: DiffusionModel, count: int) -> torch.Tensor:
