@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli_env() -> dict[str, str]:
-    """This environment without a Ray address or MLflow URI that would point the driver elsewhere."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    """This environment without a Ray address or MLflow setting that would point the driver elsewhere."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
     env["PYTHONPATH"] = str(ROOT)
     return env
 
