@@ -135,12 +135,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = _console(spec, args)
     if console is None:
         return _run(spec, args, lambda text, err=False: print(text, file=sys.stderr if err else sys.stdout, flush=True),
-                    None, lambda: None)
+                    None, lambda: None, lambda: None)
     with console.running():
-        return _run(spec, args, console.say, console.stage, console.stop_display)
+        return _run(spec, args, console.say, console.stage, console.stop_display, console.settle)
 
 
-def _run(spec, args: argparse.Namespace, say, on_stage, end_display) -> int:
+def _run(spec, args: argparse.Namespace, say, on_stage, end_display, settle) -> int:
     from pipelines.runner.execute import PipelineFailed, Runner
 
     runner = Runner(spec, no_cache=args.no_cache, log=say, on_stage=on_stage)
@@ -151,6 +151,7 @@ def _run(spec, args: argparse.Namespace, say, on_stage, end_display) -> int:
             end_display()
             say(f"[raydiff] pipeline {spec.name!r} FAILED: {failure}\n  run id    {failure.result.run_id}\n"
                 f"  MLflow    {failure.result.mlflow_url}", err=True)
+            settle()
             shutdown_ray(stop_serve=False)
             return 1
         except KeyboardInterrupt:
@@ -172,6 +173,7 @@ def _run(spec, args: argparse.Namespace, say, on_stage, end_display) -> int:
                     time.sleep(3600)
         except KeyboardInterrupt:
             say(f"[raydiff] {signal.Signals(received[0] if received else signal.SIGINT).name}: stopping")
+        settle()
         shutdown_ray(stop_serve=serving)  # now, not at exit: Ray's last relayed lines still reach the console's log
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,7 @@ class Console:
         self.out: TextIO | None = None
         self.err: TextIO | None = None
         self.live: Live | None = None
+        self.last_line_at = time.monotonic()
 
     # ---- what the driver says ---------------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class Console:
 
     def handle(self, stream: str, raw: str) -> None:
         line = ANSI.sub("", raw).rstrip()
+        self.last_line_at = time.monotonic()
         with self.lock:
             if self.log.closed:  # a straggler after the capture ended
                 return
@@ -117,6 +120,16 @@ class Console:
             return
         self.seen.add(key)
         self._show(f"({who}) {message}" if who else message, err=True)
+
+    def settle(self, at_least_s: float = 1.0, quiet_s: float = 0.5, at_most_s: float = 5.0) -> None:
+        """Wait for the lines Ray still relays from finished workers (its log monitor polls their files): at least
+        `at_least_s`, then until nothing came for `quiet_s`, `at_most_s` in all. Called before leaving Ray, which drops
+        whatever it has not relayed yet, such as a failing stage's last lines."""
+        start = time.monotonic()
+        while (now := time.monotonic()) < start + at_most_s:
+            if now >= start + at_least_s and now - self.last_line_at >= quiet_s:
+                return
+            time.sleep(0.05)
 
     # ---- output -------------------------------------------------------------------------------------------------
 

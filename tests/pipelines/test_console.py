@@ -13,6 +13,7 @@ import subprocess
 import struct
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +170,25 @@ def test_lines_are_sorted_into_console_and_log(tmp_path):
     assert len(shown) == 7 and shown[6].endswith("token 1") and console.hidden == 1
     console.log.close()
     assert "Reporting training result 1" in (tmp_path / "run.log").read_text()
+
+
+def test_settle_waits_for_a_line_still_in_flight(tmp_path):
+    """Before leaving Ray the driver waits for lines its log monitor has not relayed yet: one arriving 0.7 s after a
+    stage failed, then nothing, ends the wait half a second later; a steady stream is cut off at the limit."""
+    console = Console(StageBoard([("train", "train", 0)]), tmp_path / "run.log", live=False)
+    late = threading.Timer(0.7, console.handle, ("err", "(steps pid=3) the failing stage's last line"))
+    start = time.monotonic()
+    late.start()
+    console.settle(at_least_s=1.0, quiet_s=0.5, at_most_s=5.0)
+    assert 1.2 <= time.monotonic() - start < 2.5
+    chatter = threading.Thread(target=lambda: [console.handle("out", "x") or time.sleep(0.1) for _ in range(30)])
+    start = time.monotonic()
+    chatter.start()
+    console.settle(at_least_s=0.2, quiet_s=0.5, at_most_s=1.0)
+    assert 1.0 <= time.monotonic() - start < 1.8
+    chatter.join()
+    console.log.close()
+    assert "the failing stage's last line" in (tmp_path / "run.log").read_text()
 
 
 def test_the_board_derives_eta_and_sampler_counts_from_the_stages_lines():
