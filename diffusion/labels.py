@@ -19,9 +19,15 @@ def null_labels(num_classes: int, batch: int, device=None) -> torch.Tensor:
 
 
 def check_labels(y: torch.Tensor, num_classes: int, batch: int) -> torch.Tensor:
-    """y: [batch] int64 with values in [0, num_classes] (num_classes = null); anything else is a ValueError."""
+    """y: [batch] int64 with values in [0, num_classes] (num_classes = null); anything else is a ValueError.
+
+    The values are read only for a CPU tensor outside torch.compile: on an accelerator reading them would be a host
+    sync (and a graph break) on every forward, so there labels are checked where they enter (`label_tensor` for
+    requests, the data reader for training) and the embedding's own bounds check is the last guard."""
     if y.shape != (batch,) or y.dtype != torch.long:
         raise ValueError(f"class labels must be int64 [{batch}], got {y.dtype} {tuple(y.shape)}")
+    if y.device.type != "cpu" or torch.compiler.is_compiling():
+        return y
     if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = null), "
                          f"got {sorted(set(y.tolist()))}")

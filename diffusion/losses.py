@@ -13,7 +13,7 @@ import torch
 
 from diffusion.parameterization import Prediction, Variance, fixed_log_variance, model_prediction
 from diffusion.process import model_timesteps, q_posterior, q_sample
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, work_dtype
 
 LN2 = math.log(2.0)
 BIN_HALF_WIDTH = 1.0 / 255.0
@@ -25,8 +25,8 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def widen(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, or float64 when it is float64: the precision losses are computed in."""
-    return x if x.dtype == torch.float64 else x.float()
+    """x in the precision losses are computed in (diffusion.schedule.work_dtype)."""
+    return x.to(work_dtype(x))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -76,7 +76,7 @@ def prior_bpd(sched: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim. x0: [B, ...] → [B]."""
     t = torch.full((x0.shape[0],), sched.num_timesteps - 1, device=x0.device, dtype=torch.long)
     mean = sched.to_tensor("sqrt_alphas_cumprod", t, x0.ndim, x0.dtype) * x0
-    logvar = torch.log(sched.to_tensor("sqrt_one_minus_alphas_cumprod", t, x0.ndim, torch.float64) ** 2).to(x0.dtype)
+    logvar = sched.to_tensor("log_one_minus_alphas_cumprod", t, x0.ndim, x0.dtype)
     return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean))) / LN2
 
 
@@ -127,7 +127,7 @@ def vlb_terms(
     x0_hat = pred.x0.clamp(-1, 1) if clip_x0 else pred.x0
     model_mean, _, _ = q_posterior(sched, x0_hat, x_t, t)
     if pred.log_variance is None:
-        model_logvar = fixed_log_variance(sched, t, x0.ndim, variance, x0.dtype)
+        model_logvar = fixed_log_variance(sched, t, x0.ndim, variance, work_dtype(x0))
     else:
         model_logvar = pred.log_variance.to(x0.dtype)
     return vlb_term(sched, x0, x_t, t, model_mean, model_logvar)

@@ -36,7 +36,7 @@ from diffusion.losses import mean_flat, vlb_term, widen
 from diffusion.parameterization import (Prediction, Variance, check_prediction, fixed_log_variance, model_prediction,
                                         prediction_target, split_output)
 from diffusion.process import model_timesteps, q_posterior, q_sample
-from diffusion.schedule import NoiseSchedule, snr
+from diffusion.schedule import NoiseSchedule, snr, work_dtype
 
 Objective = Literal["l_simple", "l_hybrid", "l_vlb"]
 LossWeighting = Literal["none", "min_snr"]
@@ -47,11 +47,11 @@ MIN_SNR_GAMMA = 5.0
 
 
 def min_snr_weight(sched: NoiseSchedule, t: torch.Tensor, prediction: Prediction,
-                   gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+                   gamma: float = MIN_SNR_GAMMA, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The min-SNR-γ weight of the `prediction`-space squared error (Hang et al. 2023, eq. 9 and §3.4). t: [B] → [B]
-    float64. At SNR = 0 (zero-terminal SNR) the ε weight is its limit 1."""
+    in `dtype`. At SNR = 0 (zero-terminal SNR) the ε weight is its limit 1."""
     check_prediction(prediction)
-    s = snr(sched, t)
+    s = snr(sched, t, dtype)
     clipped = torch.clamp(s, max=gamma)
     if prediction == "eps":
         return torch.clamp(gamma / s, max=1.0)  # = min(SNR, γ) / SNR, finite at SNR = 0
@@ -93,10 +93,10 @@ class ImportanceSampler:
     def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw t ~ p: [B] int64 and the weights 1/(T p_t): [B] (`generator` on the CPU; results moved to `device`)."""
-        p = torch.from_numpy(self.probabilities())
+        p = torch.from_numpy(self.probabilities()).to(dtype)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.to(device=device, dtype=dtype)
+        return t.to(device), weights.to(device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record losses: [B] (each example's L_t) at t: [B]."""
@@ -173,8 +173,8 @@ def training_losses(
     if objective != "l_vlb":
         target = prediction_target(prediction, sched, x0, noise, t)
         terms["mse"] = mean_flat((widen(mean_output) - widen(target)) ** 2)
-        snr_weight = 1.0 if loss_weighting == "none" else min_snr_weight(sched, t, prediction, snr_gamma)
-        loss = loss + (snr_weight * terms["mse"]).to(loss.dtype)
+        snr_weight = 1.0 if loss_weighting == "none" else min_snr_weight(sched, t, prediction, snr_gamma, loss.dtype)
+        loss = loss + snr_weight * terms["mse"]
     if objective != "l_simple":
         if objective == "l_hybrid":  # L_vlb trains the variance only (Improved DDPM §3.1)
             mean_output = mean_output.detach()
@@ -182,7 +182,7 @@ def training_losses(
         pred = model_prediction(sched, x_t, t, frozen, prediction, learn_variance)
         model_mean, _, _ = q_posterior(sched, pred.x0, x_t, t)
         if pred.log_variance is None:
-            log_variance = fixed_log_variance(sched, t, x0.ndim, variance, x0.dtype)
+            log_variance = fixed_log_variance(sched, t, x0.ndim, variance, work_dtype(x0))
         else:
             log_variance = pred.log_variance
         terms["vb"] = widen(vlb_term(sched, x0, x_t, t, model_mean, log_variance))

@@ -16,8 +16,9 @@ fixed choices (Nichol & Dhariwal 2021, eq. 15):
 
 Every function takes schedule indices t: [B] int64 of `sched` (for a respaced schedule its own indices; ᾱ at index i
 equals ᾱ at the original step, so ε̂ and x̂_0 are the same, while Σ_θ interpolates the respaced β and β̃, as in
-improved-diffusion). Tensors are [B, C, H, W] (any [B, C, ...] works); schedule values are gathered in float64 and
-the results cast to the input's dtype.
+improved-diffusion). Tensors are [B, C, H, W] (any [B, C, ...] works); the arithmetic runs in the schedule's
+`work_dtype` (float32, float64 only for float64 inputs): ε̂ and x̂_0 are cast back to x_t's dtype, log Σ_θ stays in
+the work dtype, so under bf16 autocast the learned variance is not quantized to bf16.
 
 Typical use:
 
@@ -35,7 +36,7 @@ from typing import Literal, get_args
 import torch
 
 from diffusion.process import eps_from_x0, x0_from_eps
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, work_dtype
 
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -65,7 +66,7 @@ def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, abar) -> torch.Tensor:
 def _abar(sched: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     assert t.ndim == 1 and t.shape[0] == like.shape[0], f"t must be [B={like.shape[0]}], got {tuple(t.shape)}"
     assert not torch.is_floating_point(t), "t must be an integer tensor"
-    return sched.to_tensor("alphas_cumprod", t, like.ndim, torch.float64)
+    return sched.to_tensor("alphas_cumprod", t, like.ndim, work_dtype(like))
 
 
 def prediction_target(prediction: Prediction, sched: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor,
@@ -95,21 +96,23 @@ def fixed_variance(sched: NoiseSchedule, i: int, variance: Variance) -> float:
 def fixed_log_variance(sched: NoiseSchedule, t: torch.Tensor, ndim: int, variance: Variance,
                        dtype=torch.float32) -> torch.Tensor:
     """log σ_t² of the reverse process: 'small' β̃_t (clipped at t=0) or 'large' β_t (β̃_1 at t=0). → [B, 1, ..., 1]."""
-    log_small = sched.to_tensor("posterior_log_variance_clipped", t, ndim, torch.float64)
+    log_small = sched.to_tensor("posterior_log_variance_clipped", t, ndim, dtype)
     if variance == "small":
-        return log_small.to(dtype)
+        return log_small
     if variance == "large":
-        log_beta = torch.log(sched.to_tensor("betas", t, ndim, torch.float64))
-        return torch.where(t.reshape(log_beta.shape) == 0, log_small, log_beta).to(dtype)
+        log_beta = sched.to_tensor("log_betas", t, ndim, dtype)
+        return torch.where(t.reshape(log_beta.shape) == 0, log_small, log_beta)
     raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
 
 
 def log_variance_from_frac(sched: NoiseSchedule, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """log Σ_θ = frac log β_t + (1 − frac) log β̃_t (clipped), frac = (v + 1)/2   (eq. 15). v: [B, ...] → [B, ...]."""
-    frac = (v.double() + 1.0) / 2.0
-    log_small = sched.to_tensor("posterior_log_variance_clipped", t, v.ndim, torch.float64)
-    log_large = torch.log(sched.to_tensor("betas", t, v.ndim, torch.float64))
-    return (frac * log_large + (1.0 - frac) * log_small).to(v.dtype)
+    """log Σ_θ = frac log β_t + (1 − frac) log β̃_t (clipped), frac = (v + 1)/2   (eq. 15). v: [B, ...] → [B, ...]
+    in the work dtype (float32 for a bf16 v, whose one-ulp steps are coarser than log β_t − log β̃_t)."""
+    dtype = work_dtype(v)
+    frac = (v.to(dtype) + 1.0) / 2.0
+    log_small = sched.to_tensor("posterior_log_variance_clipped", t, v.ndim, dtype)
+    log_large = sched.to_tensor("log_betas", t, v.ndim, dtype)
+    return frac * log_large + (1.0 - frac) * log_small
 
 
 @dataclass(frozen=True)

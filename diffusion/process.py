@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, work_dtype
 
 
 def _check(x: torch.Tensor, t: torch.Tensor) -> None:
@@ -56,15 +56,15 @@ def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar) -> torch.Tensor:
 def predict_x0(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x̂_0 from ε at schedule indices t: [B]; x_t, eps: [B, ...]."""
     _check(x_t, t)
-    return x0_from_eps(x_t, eps, sched.to_tensor("alphas_cumprod", t, x_t.ndim, torch.float64)).to(x_t.dtype)
+    return x0_from_eps(x_t, eps, sched.to_tensor("alphas_cumprod", t, x_t.ndim, work_dtype(x_t))).to(x_t.dtype)
 
 
 def predict_eps(sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """ε from x_0 at schedule indices t: [B]; x_t, x0: [B, ...]."""
     _check(x_t, t)
-    return eps_from_x0(x_t, x0, sched.to_tensor("alphas_cumprod", t, x_t.ndim, torch.float64)).to(x_t.dtype)
+    return eps_from_x0(x_t, x0, sched.to_tensor("alphas_cumprod", t, x_t.ndim, work_dtype(x_t))).to(x_t.dtype)
 
 
 def model_timesteps(sched: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     """Original timestep units the model is conditioned on, for schedule indices t: [B] → [B] int64."""
-    return torch.tensor(sched.timesteps, device=t.device)[t.long()]
+    return sched.table("timesteps", t.device, torch.long)[t]

@@ -2,6 +2,10 @@
 
 Index convention: array index i ∈ [0, T−1] holds step t = i + 1 of the paper, so index 0 is the first noising
 step. `timesteps[i]` is the ORIGINAL index the model is conditioned on; it differs from `i` only after `respace`.
+
+Precision: the arrays are built in float64; per-step math on a batch runs in `work_dtype` (float32, or float64 for a
+float64 batch), reading each array from a tensor copy made once per device and dtype (`NoiseSchedule.table`), so a
+training step or a sampler call copies nothing from the host and promotes no batch to float64.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class NoiseSchedule:
     posterior_log_variance_clipped log β̃_t with index 0 (where β̃ = 0) replaced by β̃ at index 1
     posterior_mean_coef1           √ᾱ_{t−1} β_t / (1 − ᾱ_t)         (multiplies x_0, eq. 7)
     posterior_mean_coef2           √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (multiplies x_t, eq. 7)
+    log_betas                      log β_t
+    log_one_minus_alphas_cumprod   log(1 − ᾱ_t), the log-variance of q(x_t | x_0)
+    signal_to_noise                SNR_t = ᾱ_t / (1 − ᾱ_t)
     timesteps                      int64 original step indices the model sees
     """
 
@@ -56,6 +63,10 @@ class NoiseSchedule:
     posterior_log_variance_clipped: np.ndarray = field(init=False)
     posterior_mean_coef1: np.ndarray = field(init=False)
     posterior_mean_coef2: np.ndarray = field(init=False)
+    log_betas: np.ndarray = field(init=False)
+    log_one_minus_alphas_cumprod: np.ndarray = field(init=False)
+    signal_to_noise: np.ndarray = field(init=False)
+    _tables: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         betas = np.asarray(self.betas, dtype=np.float64)
@@ -87,6 +98,9 @@ class NoiseSchedule:
             "posterior_log_variance_clipped": log_var_clipped,
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            "log_betas": np.log(betas),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
+            "signal_to_noise": abar / (1.0 - abar),
         }
         for name, value in values.items():
             object.__setattr__(self, name, _frozen(value) if value.dtype == np.float64 else value)
@@ -136,10 +150,25 @@ class NoiseSchedule:
         abar_prev = np.append(1.0, abar[:-1])
         return NoiseSchedule(betas=1.0 - abar / abar_prev, timesteps=self.timesteps[tau])
 
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_tables"}  # no device tensors
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _tables={})
+
+    def table(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """Array `name` as a [T] tensor of `dtype` on `device`: cast from float64 on the host and copied once per
+        (name, device, dtype); later calls return the same tensor."""
+        key = (name, torch.device(device), dtype)
+        tensor = self._tables.get(key)
+        if tensor is None:
+            tensor = torch.from_numpy(np.array(getattr(self, name))).to(dtype).to(key[1])
+            self._tables[key] = tensor
+        return tensor
+
     def to_tensor(self, name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Gather array `name` at integer indices t: [B] and reshape to [B, 1, ..., 1] (ndim dims) for broadcasting."""
-        values = torch.tensor(getattr(self, name), device=t.device)[t.long()]
-        return values.to(dtype).reshape(-1, *([1] * (ndim - 1)))
+        return self.table(name, t.device, dtype)[t].reshape(-1, *([1] * (ndim - 1)))
 
 
 def spaced_timesteps(T: int, n: int, kind: Spacing = "linspace") -> np.ndarray:
@@ -188,10 +217,14 @@ def logsnr_timesteps(sched: NoiseSchedule, n: int) -> np.ndarray:
     return steps
 
 
-def snr(sched: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
-    """SNR_t = ᾱ_t / (1 − ᾱ_t) at schedule indices t: [B] int64 → [B] float64."""
-    abar = sched.to_tensor("alphas_cumprod", t, 1, torch.float64)
-    return abar / (1.0 - abar)
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype per-step math on x runs in: float64 for a float64 x, float32 for every other (bf16, fp16, fp32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def snr(sched: NoiseSchedule, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SNR_t = ᾱ_t / (1 − ᾱ_t) at schedule indices t: [B] int64 → [B] in `dtype`."""
+    return sched.to_tensor("signal_to_noise", t, 1, dtype)
 
 
 def log_snr(abar: float) -> float:

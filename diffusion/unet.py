@@ -136,7 +136,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # each (B, HW, C)
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).permute(1, 0, 3, 2).contiguous()  # (3, B, HW, C)
+        q, k, v = qkv.unbind(0)  # each contiguous (B, HW, C): the fused SDPA kernels need a unit last stride
         out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 

@@ -32,19 +32,21 @@ def _call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
 def denoise(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
             guidance_scale: float | torch.Tensor = 1.0) -> Denoised:
     """ε̂ (and x̂_0, v_Σ where the model gives them) at x: [B, C, H, W], t: [B] int64 (original timesteps),
-    y: [B] int64 labels (the model's num_classes = null class) or None, guidance_scale: a float or [B] per image.
-    One forward pass of B + (number of rows with s ≠ 1) images."""
+    y: [B] int64 labels (the model's num_classes = null class) or None, guidance_scale: a float or [B] per image,
+    on the host (a float, a list or a CPU tensor: which rows are guided decides the batch's shape, so reading it from
+    the device would be a sync every call). One forward pass of B + (number of rows with s ≠ 1) images."""
     check_conditioning(model, y, guidance_scale)
     batch = x.shape[0]
-    scale = torch.as_tensor(guidance_scale, dtype=x.dtype, device=x.device).expand(batch)
-    guided = (scale != 1.0).nonzero().flatten()
-    if guided.numel() == 0:
+    scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device="cpu").expand(batch)
+    guided_rows = (scale != 1.0).nonzero().flatten()
+    if guided_rows.numel() == 0:
         return _call(model, x, t, y)
+    guided = guided_rows.to(x.device)
     num_classes = num_classes_of(model)
     labels = null_labels(num_classes, batch, x.device) if y is None else y
     out = _call(model, torch.cat([x, x[guided]]), torch.cat([t, t[guided]]),
                 torch.cat([labels, null_labels(num_classes, guided.numel(), x.device)]))
-    s = scale[guided].reshape(-1, *([1] * (x.ndim - 1)))
+    s = scale[guided_rows].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def guide(values: torch.Tensor | None) -> torch.Tensor | None:
         if values is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from diffusion.labels import check_conditioning
@@ -31,15 +33,18 @@ def sample(
     classifier-free guidance scale `guidance_scale` (1 = plain conditional; see diffusion.guidance), one forward
     pass per model call; labels or a scale ≠ 1 on an unconditional model are a ValueError.
 
-    x_T ~ N(0, I) of `shape` is drawn from `generator` (on its device, or `device`) unless given; every later draw
-    comes from the same generator, so a seed reproduces its samples. `options` are the sampler's (see
+    Sampling runs on `device`, by default the model's. x_T ~ N(0, I) of `shape` is drawn from `generator` on the
+    generator's device (then moved) unless given; every later draw comes from the same generator, so a seed
+    reproduces its samples on any device. `options` are the sampler's (see
     `diffusion.sampler_specs`); one it does not take is a ValueError. `progress(calls done, calls in all)` runs after
     each model call; a run whose model calls differ from its catalog entry's count is an AssertionError.
     """
     impl = get_sampler(sampler)
     check_conditioning(model, y, guidance_scale)
-    device = device or (generator.device if generator is not None else "cpu")
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
+    device = torch.device(device) if device is not None else model_device(model)
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+    x = (x if x_T is None else x_T).to(device, copy=True)
     state = impl.start(sched, x, steps, **options)
     total = impl.total_calls(state)
     while not state.done:
@@ -50,6 +55,13 @@ def sample(
             progress(state.nfe, total)
     assert state.nfe == total, f"sampler {sampler!r} made {state.nfe} model calls, its catalog entry says {total}"
     return state.x
+
+
+def model_device(model) -> torch.device:
+    """The device of a module's first parameter or buffer; the CPU for a parameterless callable."""
+    tensors = itertools.chain(model.parameters(), model.buffers()) if isinstance(model, torch.nn.Module) else ()
+    first = next(iter(tensors), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def ddpm_sample(model: torch.nn.Module, sched: NoiseSchedule, shape: tuple[int, ...],

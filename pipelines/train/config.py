@@ -91,7 +91,8 @@ class TrainConfig(StrictConfig):
     loader_cache_mb: float = Field(default=1024.0, ge=0.0, description="webdataset loader: decoded shards each worker "
                                    "keeps in memory after its first epoch; 0 = read and decode every epoch")
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", True, False] = Field(default="auto", description="torch.compile the loss and model "
+                                                  "call (fullgraph); auto = on a CUDA device, off on the CPU")
     channels_last: bool = Field(default=True, description="NHWC memory format (faster on CPU too: "
                                                         "benchmarks/profile_train.py)")
     checkpoint_every: PositiveInt = 500

@@ -15,7 +15,6 @@ import json
 import socket
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,8 +27,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffusion.ema import EMA
-from diffusion.objectives import ImportanceSampler, drop_labels, training_losses
+from diffusion.objectives import ImportanceSampler
 from diffusion.packaged import DiffusionModel, build_schedule
+from diffusion.schedule import NoiseSchedule
+from diffusion.training import StepOptions, TrainingStep
 from diffusion.unet import UNet, UNetConfig
 from pipelines.storage import localize
 from pipelines.train.checkpoint import load_state, save_state, step_seed
@@ -77,16 +78,16 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def conditioning_labels(labels: torch.Tensor, num_classes: int | None, p_uncond: float,
-                        source: str) -> torch.Tensor | None:
-    """The labels a conditional model trains on (null class with probability p_uncond); None when unconditional.
-    Unknown (−1) or out-of-range labels in the shards are an error naming the split."""
+def conditioning_labels(labels: torch.Tensor, num_classes: int | None, source: str) -> torch.Tensor | None:
+    """The labels of a conditional model's batch, checked on the host before they move to the device (so the model
+    need not read them there); None when unconditional. Unknown (−1) or out-of-range labels in the shards are an
+    error naming the split."""
     if num_classes is None:
         return None
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs labels in [0, "
                          f"{num_classes - 1}] in {source}; got {sorted(set(labels.tolist()))[:10]} (−1 = no label)")
-    return drop_labels(labels, num_classes, p_uncond)
+    return labels
 
 
 def worker_placements(world: int) -> list[dict[str, str]]:
@@ -122,6 +123,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
     t_sampler: ImportanceSampler | None
+    step_fn: TrainingStep
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -145,21 +147,34 @@ class Trainer:
             self.t_sampler.load_state_dict(state["t_sampler"])
 
 
-def build_trainer(cfg: TrainConfig, unet_config: UNetConfig, num_timesteps: int) -> Trainer:
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def step_options(cfg: TrainConfig, device: torch.device, learn_variance: bool) -> StepOptions:
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    return StepOptions(objective=cfg.objective, prediction=cfg.model.prediction, learn_variance=learn_variance,
+                       loss_weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma, p_uncond=cfg.p_uncond,
+                       grad_clip=cfg.grad_clip, bf16=use_bf16)
+
+
+def build_trainer(cfg: TrainConfig, unet_config: UNetConfig, sched: NoiseSchedule) -> Trainer:
     """A fresh Trainer on this worker's device (identical initial weights on every rank), restored from Ray Train's
     latest checkpoint when the run is resumed."""
     device = ray.train.torch.get_device()
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    unet = UNet(unet_config).to(device=device, memory_format=memory_format)
+    unet = UNet(unet_config).to(device=device, memory_format=memory_format(cfg))
     model = ray.train.torch.prepare_model(unet, move_to_device=False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     warmup = max(cfg.warmup_steps, 1)
-    trainer = Trainer(cfg, unet_config, device, unet, torch.compile(model) if cfg.compile else model,
-                      EMA(unet, cfg.ema_decay, cfg.ema.warmup), optimizer,
-                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)),
-                      ImportanceSampler(num_timesteps) if cfg.objective == "l_vlb" else None)
+    ema = EMA(unet, cfg.ema_decay, cfg.ema.warmup)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    t_sampler = ImportanceSampler(sched.num_timesteps) if cfg.objective == "l_vlb" else None
+    compile_step = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    step_fn = TrainingStep(unet, sched, optimizer, ema, step_options(cfg, device, unet_config.learn_variance),
+                           lr_schedule, model, t_sampler, compile=compile_step, gather=_all_gather)
+    trainer = Trainer(cfg, unet_config, device, unet, model, ema, optimizer, lr_schedule, t_sampler, step_fn)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -167,33 +182,14 @@ def build_trainer(cfg: TrainConfig, unet_config: UNetConfig, num_timesteps: int)
     return trainer
 
 
-def train_step(tr: Trainer, sched, images: torch.Tensor, labels: torch.Tensor, rank: int, source: str,
-               autocast) -> dict[str, torch.Tensor]:
-    """One optimizer step on a batch (Ho et al. Alg. 1 with the config's objective); returns the step's metrics."""
-    cfg, device = tr.cfg, tr.device
-    torch.manual_seed(step_seed(cfg.seed, rank, tr.step))
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    x0 = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    y = conditioning_labels(labels, tr.unet_config.num_classes, cfg.p_uncond, source)
-    y = None if y is None else y.to(device, non_blocking=True)
-    t, weights = tr.t_sampler.sample(x0.shape[0], device=device) if tr.t_sampler is not None else (None, None)
-    with autocast:
-        terms = training_losses(lambda x_t, t_in: tr.model(x_t, t_in, y) if y is not None else tr.model(x_t, t_in),
-                                sched, x0, t, weights=weights, objective=cfg.objective,
-                                prediction=cfg.model.prediction, learn_variance=tr.unet_config.learn_variance,
-                                loss_weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)
-        loss = terms["loss"].mean()
-    tr.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), cfg.grad_clip)
-    tr.optimizer.step()
-    tr.lr_schedule.step()
-    tr.ema.update(tr.unet)
-    if tr.t_sampler is not None:  # every rank sees every rank's (t, L_t), so their p_t stay equal
-        tr.t_sampler.update(_all_gather(t), _all_gather(terms["vb"].detach().double()).cpu())
+def train_step(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, rank: int, source: str) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch (diffusion.training), seeded by (seed, rank, step); returns device metrics."""
+    torch.manual_seed(step_seed(tr.cfg.seed, rank, tr.step))
+    x0 = images.to(tr.device, non_blocking=True).contiguous(memory_format=memory_format(tr.cfg))
+    y = conditioning_labels(labels, tr.unet_config.num_classes, source)
+    metrics = tr.step_fn(x0, None if y is None else y.to(tr.device, non_blocking=True))
     tr.step, tr.batch_in_epoch = tr.step + 1, tr.batch_in_epoch + 1
-    return {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
-            **{name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}}
+    return metrics
 
 
 def evaluate_and_log(tr: Trainer, client: MlflowClient, run_id: str, val_images: torch.Tensor | None,
@@ -264,7 +260,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sched = build_schedule(cfg.schedule.name, cfg.schedule.num_timesteps, cfg.schedule.zero_terminal_snr)
-    tr = build_trainer(cfg, unet_config, sched.num_timesteps)
+    tr = build_trainer(cfg, unet_config, sched)
     placements = worker_placements(world)  # a collective: every rank takes part
     client = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
     if client is not None:
@@ -273,8 +269,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[raydiff train] rank 0 of {world} starting at step {tr.step}/{cfg.steps} on {tr.device}", flush=True)
     val_images = _validation_images(loop_config, cfg, rank)
     epoch_images = batches_per_epoch(cfg, source, rank, world, cfg.batch_size // world)
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and tr.device.type == "cuda")
-    autocast = torch.autocast(tr.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     interval = IntervalMetrics()
     monitor = node_system_metrics(cfg, run_id, loop_config["tracking_uri"], ctx.get_local_rank())
     tr.model.train()
@@ -283,7 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             consumed_any = False
             for images, labels in itertools.islice(epoch_images(tr.epoch), tr.batch_in_epoch, None):
                 consumed_any = True
-                interval.add(train_step(tr, sched, images, labels, rank, source, autocast))
+                interval.add(train_step(tr, images, labels, rank, source))
                 _after_step(tr, interval, client, run_id, rank, val_images, class_names)
                 if tr.step >= cfg.steps:
                     break
@@ -302,6 +296,8 @@ def _after_step(tr: Trainer, interval: IntervalMetrics, client: MlflowClient | N
     """Log every `log_every` steps, evaluate every `eval_every`, checkpoint every `checkpoint_every`; all at the end."""
     cfg, step, last = tr.cfg, tr.step, tr.step == tr.cfg.steps
     metrics: dict[str, float] = {}
+    if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+        tr.step_fn.flush_t_sampler()
     if step % cfg.log_every == 0 or last:
         metrics = interval.reduce(tr)
         if client is not None:

@@ -70,7 +70,7 @@ def test_hybrid_gradient_through_the_mean_half_is_exactly_l_simples(prediction, 
     terms["loss"].mean().backward()
     c = x0.shape[1]
     target = prediction_target(prediction, SCHED, x0, noise, t)
-    w = torch.ones(6, dtype=torch.float64) if weighting == "none" else min_snr_weight(SCHED, t, prediction)
+    w = torch.ones(6, dtype=torch.float64) if weighting == "none" else min_snr_weight(SCHED, t, prediction, dtype=torch.float64)
     expected = 2 * w.reshape(-1, 1, 1, 1) * (output[:, :c] - target) / x0.numel()
     torch.testing.assert_close(model.output.grad[:, :c], expected, rtol=1e-12, atol=1e-15)
     grad_var = model.output.grad[:, c:]
@@ -135,14 +135,14 @@ def test_min_snr_weights_equal_their_closed_forms():
     t = torch.arange(1000)
     abar = SCHED.alphas_cumprod
     s = abar / (1 - abar)
-    np.testing.assert_allclose(snr(SCHED, t).numpy(), s, rtol=1e-14)
+    np.testing.assert_allclose(snr(SCHED, t, torch.float64).numpy(), s, rtol=1e-14)
     expected = {"eps": np.minimum(s, 5) / s, "x0": np.minimum(s, 5), "v": np.minimum(s, 5) / (s + 1)}
     for prediction, w in expected.items():
-        np.testing.assert_allclose(min_snr_weight(SCHED, t, prediction).numpy(), w, rtol=1e-14)
-    np.testing.assert_allclose(min_snr_weight(SCHED, t, "v", gamma=1.0).numpy(), np.minimum(s, 1) / (s + 1), rtol=1e-14)
+        np.testing.assert_allclose(min_snr_weight(SCHED, t, prediction, dtype=torch.float64).numpy(), w, rtol=1e-14)
+    np.testing.assert_allclose(min_snr_weight(SCHED, t, "v", gamma=1.0, dtype=torch.float64).numpy(), np.minimum(s, 1) / (s + 1), rtol=1e-14)
     # The v weight is the ε weight times SNR/(SNR + 1) at every t, never equal to it: reusing the ε formula for v
     # over-weights the noisy steps (by 2× where SNR = 1, by 1/SNR where SNR → 0).
-    v, eps = min_snr_weight(SCHED, t, "v").numpy(), min_snr_weight(SCHED, t, "eps").numpy()
+    v, eps = (min_snr_weight(SCHED, t, p, dtype=torch.float64).numpy() for p in ("v", "eps"))
     np.testing.assert_allclose(v / eps, s / (s + 1), rtol=1e-13)
     assert np.all(v < eps)
     mid = int(np.argmin(np.abs(s - 1)))
@@ -157,7 +157,7 @@ def test_min_snr_weights_give_the_same_x0_space_loss_for_every_prediction_type()
     eps_hat = noise + 0.3 * torch.randn(noise.shape, generator=g, dtype=torch.float64)
     x_t = q_sample(SCHED, x0, t, noise)
     x0_hat = predict_x0(SCHED, x_t, t, eps_hat)
-    x0_loss = (x0 - x0_hat).pow(2).mean(dim=(1, 2, 3)) * torch.clamp(snr(SCHED, t), max=5.0)
+    x0_loss = (x0 - x0_hat).pow(2).mean(dim=(1, 2, 3)) * torch.clamp(snr(SCHED, t, torch.float64), max=5.0)
     for prediction in ["eps", "x0", "v"]:
         model = FixedOutput(prediction_target(prediction, SCHED, x0_hat, eps_hat, t))
         got = training_losses(model, SCHED, x0, t, noise, prediction=prediction, loss_weighting="min_snr")["loss"]
