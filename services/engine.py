@@ -160,8 +160,8 @@ class Engine:
         if self.num_classes is not None:
             y = torch.cat([tr.labels if tr.labels is not None else null_labels(self.num_classes, n, self.device)
                            for tr, n in zip(active, sizes)])
-            scale = torch.cat([torch.full((n,), tr.job.guidance_scale) for tr, n in zip(active, sizes)]).to(x)
-        guided = 0 if scale is None else int((scale != 1.0).sum())  # rows evaluated twice (label and null class)
+            scale = torch.cat([torch.full((n,), tr.job.guidance_scale) for tr, n in zip(active, sizes)])  # host
+        guided = 0 if scale is None else int((scale != 1.0).sum())  # rows evaluated twice; on the host: no sync
         chunk = max(1, max_forward // 2) if guided else max_forward
         outs = [denoise(self.model, x[k:k + chunk], t[k:k + chunk], None if y is None else y[k:k + chunk],
                         1.0 if scale is None else scale[k:k + chunk]) for k in range(0, x.shape[0], chunk)]
