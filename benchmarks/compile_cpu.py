@@ -44,7 +44,7 @@ def model_call_row(preset: str, batch: int, rounds: int, calls: int) -> Row:
     """The samplers' model call (ε̂ and x̂_0 of a v-prediction conditional model), compiled vs eager."""
     torch.manual_seed(0)
     model = DiffusionModel(UNet(UNetConfig.preset(preset, num_classes=10)), "linear", 1000, prediction="v").eval()
-    compiled = torch.compile(model.denoise, fullgraph=True)
+    compiled = torch.compile(model.denoise, fullgraph=True, dynamic=False)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,))

@@ -166,6 +166,13 @@ class NoiseSchedule:
             self._tables[key] = tensor
         return tensor
 
+    def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "NoiseSchedule":
+        """Build every array's tensor on `device` now (before torch.compile traces code that reads them)."""
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                self.table(name, device, torch.long if name == "timesteps" else dtype)
+        return self
+
     def to_tensor(self, name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Gather array `name` at integer indices t: [B] and reshape to [B, 1, ..., 1] (ndim dims) for broadcasting."""
         return self.table(name, t.device, dtype)[t].reshape(-1, *([1] * (ndim - 1)))

@@ -68,8 +68,10 @@ class TrainingStep:
         self.gather = gather or (lambda tensor: tensor)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_classes = getattr(getattr(unet, "config", None), "num_classes", None)
+        if compile:
+            sched.prepare(next(unet.parameters()).device)
         terms = lambda *args: loss_terms(self.model, sched, options, *args)  # noqa: E731
-        self.terms = torch.compile(terms, fullgraph=True) if compile else terms
+        self.terms = torch.compile(terms, fullgraph=True, dynamic=False) if compile else terms
 
     def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """t [B] (uniform, or from the importance sampler) and its weights, on x0's device."""
