@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -186,6 +187,17 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor], device) -> dict[
             raise ValueError(f"{path}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, the config needs "
                              f"{want.dtype} {tuple(want.shape)}")
     return tensors
+
+
+def fetch_logged_model(model_uri: str, download: Callable[[str, str], str], tmp: str | Path) -> Path:
+    """The model directory of the logged model at `model_uri`, fetched into `tmp` with `download(uri, dst) -> local
+    path` (MLflow's download_artifacts): only `artifacts/MLFLOW_ARTIFACT`, not the pyfunc's other files. When that
+    part cannot be fetched, the whole model is, and `logged_model_directory` names what it holds instead."""
+    try:
+        download(f"{model_uri.rstrip('/')}/artifacts/{MLFLOW_ARTIFACT}", str(tmp))
+    except Exception:  # noqa: BLE001 — no such part: say what the model is instead
+        return logged_model_directory(download(model_uri, str(Path(tmp) / "whole")), model_uri)
+    return logged_model_directory(tmp, model_uri)
 
 
 def logged_model_directory(root: str | Path, source: str) -> Path:

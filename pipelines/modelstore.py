@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.packaged import MLFLOW_ARTIFACT, DiffusionModel, logged_model_directory
+from diffusion.packaged import MLFLOW_ARTIFACT, DiffusionModel, fetch_logged_model
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 METADATA_KEYS = ("num_classes", "class_names", "prediction", "learn_variance", "schedule", "num_timesteps",
@@ -48,8 +48,11 @@ def log_model(model: DiffusionModel, name: str = "model") -> str:
 def load_model(model_uri: str, device: torch.device | str = "cpu") -> DiffusionModel:
     """The DiffusionModel logged at `model_uri` (runs:/…, models:/NAME/VERSION, models:/NAME@ALIAS), in eval mode
     on `device`, read from its safetensors directory without pyfunc."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return DiffusionModel.from_pretrained(fetch_logged_model(model_uri, _download, tmp), device)
+
+
+def _download(uri: str, dst: str) -> str:
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        return DiffusionModel.from_pretrained(logged_model_directory(root, model_uri), device)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)

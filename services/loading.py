@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from diffusion.packaged import DiffusionModel, logged_model_directory
+from diffusion.packaged import DiffusionModel, fetch_logged_model
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ def load(model_uri: str, tracking_uri: str | None, device: torch.device) -> tupl
         mlflow.set_registry_uri(tracking_uri)
     ref = resolve(model_uri, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        root = mlflow.artifacts.download_artifacts(artifact_uri=ref.loaded_uri, dst_path=tmp)
-        model = DiffusionModel.from_pretrained(logged_model_directory(root, ref.loaded_uri), device)
+        model = DiffusionModel.from_pretrained(fetch_logged_model(
+            ref.loaded_uri, lambda uri, dst: mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst), tmp),
+            device)
     training_run_id = model.metadata.get("training_run_id") or ref.run_id
     ref = ModelRef(**{**asdict(ref), "training_run_id": training_run_id})
     return model.eval(), ref
