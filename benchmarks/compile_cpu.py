@@ -5,6 +5,9 @@
 2. Achieved FLOP/s of the small preset's step (torch's FLOP counter over one step) against a 2048² fp32 matmul
    (target ≥ 0.6×), eager and compiled.
 3. The samplers' model call (DiffusionModel.denoise, no grad), compiled vs eager.
+4. Where the step's time goes, eager and compiled (torch.profiler): the oneDNN convolution, matmul and attention
+   kernels, which the compiled graph calls unchanged, and everything else (what compile fuses), with the bound the
+   kernels' share puts on any compiled speedup.
 
     python -m benchmarks.compile_cpu [--quick] [--json PATH]
 """
@@ -40,6 +43,36 @@ def step_rows(preset: str, batch: int, rounds: int, steps: int, peak: float | No
     return rows
 
 
+KERNELS = ("convolution", "addmm", "aten::mm", "bmm", "scaled_dot_product")
+
+
+def kernel_times(preset: str, batch: int, compile: bool, steps: int = 5) -> tuple[float, float]:
+    """(ms per step in convolution/matmul/attention kernels, ms per step in everything else), torch.profiler's self
+    times over `steps` steps of the conditional step, eager or compiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, x0, y = make_step(preset, batch, CPU, bf16=False, compile=compile, num_classes=10)
+    step(x0, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(x0, y)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    kernels = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in KERNELS)) / steps / 1e3
+    return kernels, total - kernels
+
+
+def kernel_rows(preset: str, batch: int) -> list[Row]:
+    """Where compile can gain: the kernels it calls unchanged, and the rest (fused elementwise work, the optimizer,
+    EMA), each compiled vs eager; with the bound the kernels' share puts on any compiled speedup."""
+    eager, compiled = kernel_times(preset, batch, False), kernel_times(preset, batch, True)
+    share = eager[0] / sum(eager)
+    return [Row(f"step {preset} b{batch}: conv/matmul/attention kernels, ms", compiled[0], eager[0], "ms",
+                f"{share:.0%} of eager; compiled/eager ≤ {1 / share:.2f}× if all else vanished", lower_is_better=True),
+            Row(f"step {preset} b{batch}: everything else, ms", compiled[1], eager[1], "ms", "what compile fuses",
+                lower_is_better=True)]
+
+
 def model_call_row(preset: str, batch: int, rounds: int, calls: int) -> Row:
     """The samplers' model call (ε̂ and x̂_0 of a v-prediction conditional model), compiled vs eager."""
     torch.manual_seed(0)
@@ -63,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 3 if args.quick else 5
     peak = matmul_peak(CPU, 2048, torch.float32)
-    rows = step_rows("small", 64, rounds, 5, peak) + [model_call_row("small", 64, rounds, 10)]
+    rows = step_rows("small", 64, rounds, 5, peak) + kernel_rows("small", 64) + [model_call_row("small", 64, rounds, 10)]
     if not args.quick:
         rows += step_rows("cifar10", 8, 3, 2, None) + [model_call_row("cifar10", 8, 3, 3)]
     emit(rows, args.json, f"torch.compile on the CPU, {torch.get_num_threads()} threads")

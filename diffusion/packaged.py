@@ -194,10 +194,12 @@ def fetch_logged_model(model_uri: str, download: Callable[[str, str], str], tmp:
     path` (MLflow's download_artifacts): only `artifacts/MLFLOW_ARTIFACT`, not the pyfunc's other files. When that
     part cannot be fetched, the whole model is, and `logged_model_directory` names what it holds instead."""
     try:
-        download(f"{model_uri.rstrip('/')}/artifacts/{MLFLOW_ARTIFACT}", str(tmp))
+        directory = Path(download(f"{model_uri.rstrip('/')}/artifacts/{MLFLOW_ARTIFACT}", str(Path(tmp) / "part")))
     except Exception:  # noqa: BLE001 — no such part: say what the model is instead
-        return logged_model_directory(download(model_uri, str(Path(tmp) / "whole")), model_uri)
-    return logged_model_directory(tmp, model_uri)
+        directory = None
+    if directory is not None and (directory / CONFIG_FILE).is_file():
+        return directory
+    return logged_model_directory(download(model_uri, str(Path(tmp) / "whole")), model_uri)
 
 
 def logged_model_directory(root: str | Path, source: str) -> Path:
