@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/raydiff run $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+# pytorch-fid (the FID reference our Inception port is tested against) and the torchvision it builds on, outside the
+# environment: that torchvision is a CUDA build whose operators do not load beside the CPU torch (see
+# tests/pipelines/test_inception_reference.py).
+$(VENV)/fid-reference: | $(STAMP)
+	$(BIN)/pip install --no-deps --target $@ torchvision==0.28.0 pytorch-fid==0.3.0
+
+test: $(STAMP) $(VENV)/fid-reference
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
