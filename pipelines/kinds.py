@@ -13,6 +13,7 @@ KINDS = {
     "ingest": "pipelines.ingest.stage:KIND",
     "train": "pipelines.train.stage:KIND",
     "sweep": "pipelines.sweep.stage:KIND",
+    "distill": "pipelines.distill.stage:KIND",
     "evaluate": "pipelines.evaluate.stage:KIND",
     "register": "pipelines.register.stage:KIND",
     "deploy": "pipelines.deploy.stage:KIND",

@@ -38,13 +38,14 @@ from pipelines.train.config import TrainConfig
 from pipelines.train.monitor import heldout_elbo, memory_metrics, sample_grids
 
 
-def batches_per_epoch(cfg: TrainConfig, train_uri: str, rank: int, world: int,
+def batches_per_epoch(cfg, train_uri: str, rank: int, world: int,
                       batch: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """epoch → this worker's (images [batch, C, H, W] float32 in [−1, 1], labels [batch] int64, −1 = unknown) for
     that epoch, a disjoint subset per rank.
 
     The webdataset loader reads the split localized on this worker's own node (downloaded once per node when the
-    split lives in remote storage). One loader serves every epoch, so its decoded-shard cache lasts the whole run."""
+    split lives in remote storage). One loader serves every epoch, so its decoded-shard cache lasts the whole run.
+    `cfg` is any stage config with `loader`, `loader_cache_mb` and `seed` (the train and distill stages')."""
     if cfg.loader == "webdataset":
         from pipelines.ingest.reader import WebDatasetBatches, shard_urls
 

@@ -58,8 +58,8 @@ def split_spec(split_uri: str) -> tuple[int, int, list[str] | None]:
     return int(image["size"]), int(image["channels"]), manifest.get("classes")
 
 
-def _open_run(client: MlflowClient, output_uri: str, experiment_id: str, run_name: str, parent_run_id: str | None,
-              config: TrainConfig, unet_config: UNetConfig) -> str:
+def open_run(client: MlflowClient, output_uri: str, experiment_id: str, run_name: str, parent_run_id: str | None,
+             config, unet_config: UNetConfig, params_key: str = "train") -> str:
     """Reopen the run recorded at output_uri (a resumed training), or create one and record it there at once."""
     storage, marker = Storage(output_uri), join_uri(output_uri, RUN_ID_FILE)
     recorded = storage.read_text(marker)
@@ -71,15 +71,17 @@ def _open_run(client: MlflowClient, output_uri: str, experiment_id: str, run_nam
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = flatten({"train": config.model_dump(mode="json"), "unet": unet_config.to_dict()})
+    params = flatten({params_key: config.model_dump(mode="json"), "unet": unet_config.to_dict()})
     for key, value in params.items():
         client.log_param(run_id, key, value)
     storage.write_text(marker, run_id)
     return run_id
 
 
-def _trainer(config: TrainConfig, loop_config: dict, output_uri: str, datasets: dict | None, callbacks: list | None):
-    """The TorchTrainer of a run, its Ray Train storage at `output_uri`/ray on that URI's filesystem."""
+def torch_trainer(config, loop_config: dict, output_uri: str, datasets: dict | None = None,
+                  callbacks: list | None = None, loop=None, name: str = "train"):
+    """The TorchTrainer of a run (`loop` per worker, the train loop by default), its Ray Train storage at
+    `output_uri`/ray on that URI's filesystem; `config` has the train stage's scaling and checkpoint fields."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -87,12 +89,12 @@ def _trainer(config: TrainConfig, loop_config: dict, output_uri: str, datasets: 
 
     fs, storage_path = filesystem(join_uri(output_uri, "ray"))
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
+        loop or train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker,
                                                            **config.resources_per_worker},
                                      placement_strategy=config.placement_strategy),
-        run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=fs,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              callbacks=callbacks or None),
@@ -100,7 +102,7 @@ def _trainer(config: TrainConfig, loop_config: dict, output_uri: str, datasets: 
     )
 
 
-def _final_state(checkpoint, output_uri: str) -> tuple[dict, str, str]:
+def final_state(checkpoint, output_uri: str) -> tuple[dict, str, str]:
     """(training state, the checkpoint's URI, sha256 of its state file) of Ray Train's final checkpoint."""
     with checkpoint.as_directory() as directory:
         state = load_state(directory)
@@ -121,8 +123,8 @@ def run_training(config: TrainConfig, train_uri: str | Path, val_uri: str | Path
     """
     from mlflow.tracking import MlflowClient
 
-    train_uri, output_uri = _uri(train_uri), _uri(output_uri)
-    val_uri = _uri(val_uri) if val_uri else None
+    train_uri, output_uri = absolute_uri(train_uri), absolute_uri(output_uri)
+    val_uri = absolute_uri(val_uri) if val_uri else None
     image_size, channels, classes = split_spec(train_uri)
     unet_config = config.model.unet_config(image_size, channels, classes)
     if config.loader == "ray_data" and datasets is None:
@@ -130,7 +132,7 @@ def run_training(config: TrainConfig, train_uri: str | Path, val_uri: str | Path
 
         datasets = {"train": ray_image_dataset(train_uri)}
     client = MlflowClient(tracking_uri)
-    run_id = _open_run(client, output_uri, ensure_experiment(tracking_uri, experiment), run_name, parent_run_id,
+    run_id = open_run(client, output_uri, ensure_experiment(tracking_uri, experiment), run_name, parent_run_id,
                        config, unet_config)
     print(f"[raydiff train] MLflow run {run_id} ({tracking_uri})", flush=True)
     # Ray Train re-emits every print of a worker through its logger, which doubles each progress line on the
@@ -140,10 +142,10 @@ def run_training(config: TrainConfig, train_uri: str | Path, val_uri: str | Path
                    "class_names": classes if unet_config.num_classes is not None else None,
                    "tracking_uri": tracking_uri, "train_uri": train_uri, "val_uri": val_uri}
     try:
-        result = _trainer(config, loop_config, output_uri, datasets, callbacks).fit()
+        result = torch_trainer(config, loop_config, output_uri, datasets, callbacks).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training in {output_uri} finished without a checkpoint")
-        state, checkpoint_uri, digest = _final_state(result.checkpoint, output_uri)
+        state, checkpoint_uri, digest = final_state(result.checkpoint, output_uri)
         log_model(packaged_model(state, config, run_id), run_id, tracking_uri)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
@@ -154,7 +156,7 @@ def run_training(config: TrainConfig, train_uri: str | Path, val_uri: str | Path
                        checkpoint_hash=digest, final_step=int(state["step"]), metrics=dict(metrics))
 
 
-def _uri(location: str | Path) -> str:
+def absolute_uri(location: str | Path) -> str:
     """A storage URI as given, a local path made absolute (Ray workers have other working directories)."""
     return str(location) if is_remote(str(location)) else str(Path(location).resolve())
 

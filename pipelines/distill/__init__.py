@@ -1,0 +1,1 @@
+"""The distill stage: a trained model turned into a few-step student (progressive distillation)."""
