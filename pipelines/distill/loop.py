@@ -206,6 +206,9 @@ def distill_loop_per_worker(loop_config: dict) -> None:
     ds = build_distiller(cfg, base, device)
     run_id, source = loop_config["mlflow_run_id"], loop_config["train_uri"]
     client = MlflowClient(loop_config["tracking_uri"]) if rank == 0 else None
+    if client is not None:
+        position = ds.round_index * cfg.steps_per_round + ds.step
+        client.log_metric(run_id, "start_step", position, step=position)
     data = batches(ds, batches_per_epoch(cfg, source, rank, world, cfg.batch_size // world))
     ds.model.train()
     while True:
