@@ -126,6 +126,11 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "dpmpp-2m": SamplerSpec(
         "dpmpp-2m", "DPM-Solver++(2M): 2nd-order multistep ODE solver in data prediction on log-SNR",
         default_steps=20, paper="Lu et al. 2022, Alg. 2", options={"clip_x0": _clip(), "spacing": _spacing("logsnr")}),
+    "distilled": SamplerSpec(
+        "distilled", "a progressively distilled student (the distill stage): deterministic DDIM on the trailing grid "
+        "it was trained on; steps = the model's distilled_steps", default_steps=4,
+        paper="Salimans & Ho 2022, Alg. 2", options={"clip_x0": _clip(), "spacing": OptionSpec(
+            "trailing", "the student's grid (every other step of its teacher's)", choices=("trailing",))}),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_SPECS)
 

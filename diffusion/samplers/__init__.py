@@ -1,6 +1,6 @@
 """Samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eq. 12), the reverse SDE and
 predictor–corrector (Song et al. 2021), probability-flow ODE Euler/Heun (Karras et al. 2022) and DPM-Solver++(2M)
-(Lu et al. 2022).
+(Lu et al. 2022), and the distilled student's DDIM (Salimans & Ho 2022).
 
 Steps are pure functions of the model's ε and explicit noise; each sampler is one generator function over them,
 registered in SAMPLERS (diffusion.samplers.base); `sample(...)` runs any of them to the end. `i` indexes the
@@ -16,8 +16,10 @@ from diffusion.samplers.ddim import ddim_encode, ddim_sigma, ddim_step
 from diffusion.samplers.sde import reverse_sde_step, snr_step_size
 from diffusion.samplers.ode import ode_euler_step, ode_heun_step
 from diffusion.samplers.dpm_solver import dpmpp_2m_step
+from diffusion.samplers.distilled import distilled
 from diffusion.samplers.loop import ddim_sample, ddpm_sample, sample
 
 __all__ = ["SAMPLERS", "Denoised", "Progress", "Sampler", "SamplerState", "Steps", "Walk", "ddim_encode", "ddim_sample",
+           "distilled",
            "ddim_sigma", "ddim_step", "ddpm_sample", "ddpm_step", "dpmpp_2m_step", "get_sampler", "model_eps",
            "ode_euler_step", "ode_heun_step", "register", "respaced", "reverse_sde_step", "sample", "snr_step_size"]

@@ -36,8 +36,6 @@ from pipelines.tracking import use_tracking_uri
 from pipelines.train.checkpoint import load_state, save_state, step_seed
 from pipelines.train.loop import batches_per_epoch, conditioning_labels
 
-SPACING = "trailing"  # the grid of diffusion.distill: a student of N steps samples with ddim at N, trailing
-
 
 @dataclass
 class Distiller:
@@ -154,15 +152,15 @@ def report(ds: Distiller, rank: int, metrics: dict) -> None:
 
 @torch.no_grad()
 def round_grid(ds: Distiller, client: MlflowClient, run_id: str, labels: torch.Tensor | None) -> None:
-    """The EMA student's samples at its step count (ddim, trailing spacing) as an MLflow artifact."""
+    """The EMA student's samples at its step count (the `distilled` sampler) as an MLflow artifact."""
     student = DiffusionModel(ds.ema.averaged, ds.student.schedule_name, ds.student.num_timesteps, prediction="v",
                              zero_terminal_snr=ds.student.zero_terminal_snr).to(ds.device).eval()
     shape = (ds.cfg.sample_grid, *student.image_shape)
     y = None if labels is None else labels.to(ds.device)
-    images = sample(student, student.schedule(), shape, "ddim", ds.student_steps, spacing=SPACING, y=y,
+    images = sample(student, student.schedule(), shape, "distilled", ds.student_steps, y=y,
                     generator=torch.Generator(device=ds.device).manual_seed(ds.cfg.seed))
     with tempfile.TemporaryDirectory() as directory:
-        path = save_grid(images.cpu(), Path(directory) / f"ddim-{ds.student_steps}_round{ds.round_index + 1}.png",
+        path = save_grid(images.cpu(), Path(directory) / f"distilled-{ds.student_steps}_round{ds.round_index + 1}.png",
                          nrow=max(1, int(ds.cfg.sample_grid**0.5)), scale=4)
         client.log_artifact(run_id, str(path), "samples")
 

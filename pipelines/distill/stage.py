@@ -3,8 +3,8 @@ student in the project's model format.
 
 Like the train stage, everything a run keeps lives at its output URI (the MLflow run id, Ray Train's run and
 checkpoints), so re-running resumes: the round and step of the latest checkpoint, the same MLflow run. The student's
-metadata says it is distilled, from which teacher, by which method and for how many steps; it samples with `ddim`
-at those steps and spacing "trailing" (guidance, if distilled in, needs no guidance scale).
+metadata says it is distilled, from which teacher, by which method and for how many steps; it samples with the
+`distilled` sampler at those steps (guidance, if distilled in, needs no guidance scale).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def student_model(state: dict, teacher: DiffusionModel, config: DistillConfig, t
     steps = config.rounds[-1]
     metadata = {"distilled": True, "distill_method": config.method, "teacher": teacher_uri,
                 "teacher_run_id": teacher.metadata.get("training_run_id"), "distilled_steps": steps,
-                "sampler": "ddim", "spacing": "trailing", "distilled_guidance_scale": config.guidance_scale,
+                "sampler": "distilled", "distilled_guidance_scale": config.guidance_scale,
                 "training_run_id": run_id}
     return DiffusionModel(ema.averaged, teacher.schedule_name, teacher.num_timesteps, metadata=metadata,
                           prediction="v", zero_terminal_snr=teacher.zero_terminal_snr,

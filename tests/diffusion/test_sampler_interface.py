@@ -15,7 +15,8 @@ from tests.diffusion.test_samplers import _exact_final_moments
 
 
 def test_registry_and_catalog_list_the_same_samplers():
-    assert tuple(SAMPLERS) == SAMPLER_NAMES == ("ddpm", "ddim", "sde", "pc", "ode-euler", "ode-heun", "dpmpp-2m")
+    assert tuple(SAMPLERS) == SAMPLER_NAMES == ("ddpm", "ddim", "sde", "pc", "ode-euler", "ode-heun", "dpmpp-2m",
+                                                       "distilled")
     assert all(SAMPLERS[name].spec is SAMPLER_SPECS[name] for name in SAMPLER_NAMES)
 
 

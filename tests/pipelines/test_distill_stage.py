@@ -60,14 +60,15 @@ def test_two_rounds_give_a_logged_two_step_student(teacher):
     assert len(losses) == 6 and all(loss == loss for loss in losses)
     assert [m.value for m in client.get_metric_history(values["run_id"], "student_steps")] == [4] * 3 + [2] * 3
     assert {a.path for a in client.list_artifacts(values["run_id"], "samples")} == {
-        "samples/ddim-4_round1.png", "samples/ddim-2_round2.png"}
+        "samples/distilled-4_round1.png", "samples/distilled-2_round2.png"}
     assert run.data.params["distill.teacher_steps"] == "8"
     mlflow.set_tracking_uri(uri)
     student = load_model(values["model_uri"])
     assert student.metadata["distilled"] is True and student.metadata["distilled_steps"] == 2
     assert student.metadata["teacher"] == teacher_uri and student.prediction == "v"
     assert student.num_classes == 10 and student.metadata["distilled_guidance_scale"] == 2.0
-    images = sample(student, student.schedule(), (4, 1, 8, 8), "ddim", 2, spacing="trailing",
+    assert student.metadata["sampler"] == "distilled"
+    images = sample(student, student.schedule(), (4, 1, 8, 8), "distilled", 2,
                     y=torch.tensor([0, 1, 2, 3]), generator=torch.Generator().manual_seed(0))
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
 

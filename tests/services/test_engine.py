@@ -67,7 +67,8 @@ def test_every_registered_sampler_shares_model_calls_and_keeps_its_images(engine
         ticks += 1
     assert ticks == max(tr.progress[1] for tr in trajectories) == 12  # pc: 4 levels × (1 + 2 corrector calls)
     assert {job.sampler: tr.progress[0] for job, tr in zip(jobs, trajectories)} == {
-        "ddpm": 4, "ddim": 4, "sde": 4, "pc": 12, "ode-euler": 4, "ode-heun": 7, "dpmpp-2m": 4}
+        "ddpm": 4, "ddim": 4, "sde": 4, "pc": 12, "ode-euler": 4, "ode-heun": 7, "dpmpp-2m": 4,
+        "distilled": 4}
     for job, tr in zip(jobs, trajectories):
         (alone,) = engine.sample([job])
         torch.testing.assert_close(engine.result(tr), alone, rtol=0, atol=1e-5)
