@@ -296,5 +296,5 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind(name="evaluate", params="pipelines.evaluate.config:EvaluateConfig", run=run,
-                 inputs={"model": ("train", "sweep"), "data": ("ingest",)}, version="1",
+                 inputs={"model": ("train", "sweep", "distill"), "data": ("ingest",)}, version="1",
                  resources={"num_cpus": 1})

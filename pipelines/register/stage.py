@@ -29,5 +29,5 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind(name="register", params="pipelines.register.config:RegisterConfig", run=run,
-                 inputs={"model": ("train", "sweep"), "evaluation": ("evaluate",)}, version="1",
+                 inputs={"model": ("train", "sweep", "distill"), "evaluation": ("evaluate",)}, version="1",
                  resources={"num_cpus": 0})

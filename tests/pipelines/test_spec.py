@@ -181,3 +181,16 @@ def test_a_sweep_feeds_evaluate_register_and_deploy_like_a_train_stage():
     assert resolve_inputs(spec.stages, "evaluate")["model"] == "sweep"
     assert resolve_inputs(spec.stages, "register") == {"model": "sweep", "evaluation": "evaluate"}
     assert resolve_inputs(spec.stages, "deploy") == {"model": "register"}
+
+
+def test_the_commented_distill_stages_of_the_local_config_validate_when_uncommented():
+    """configs/local.yaml ships a distill → evaluate → register chain commented out (off by default)."""
+    lines = (ROOT / "configs" / "local.yaml").read_text().splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("  # distill:"))
+    text = "\n".join(lines[:start] + [line.replace("  # ", "  ", 1) for line in lines[start:]])
+    spec = build_spec(parse_yaml(text))
+    assert list(spec.stages)[-3:] == ["distill", "evaluate-student", "register-student"]
+    assert resolve_inputs(spec.stages, "distill") == {"model": "train", "data": "ingest"}
+    assert resolve_inputs(spec.stages, "evaluate-student") == {"model": "distill", "data": "ingest"}
+    assert resolve_inputs(spec.stages, "register-student") == {"model": "distill", "evaluation": "evaluate-student"}
+    assert spec.stages["distill"].params.rounds == [32, 16, 8, 4]
