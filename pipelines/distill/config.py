@@ -40,6 +40,8 @@ class DistillConfig(StrictConfig):
     max_failures: int = Field(default=2, ge=-1)
     log_every: PositiveInt = 20
     sample_grid: PositiveInt = Field(default=36, description="images in each round's sample grid")
+    num_fid_samples: int = Field(default=256, ge=0, description="samples of each round's student scored against the "
+                                 "test split (FID, KID with the digits feature net, as the evaluate stage); 0 = none")
     seed: int = 0
 
     @model_validator(mode="after")

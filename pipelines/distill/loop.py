@@ -165,6 +165,41 @@ def round_grid(ds: Distiller, client: MlflowClient, run_id: str, labels: torch.T
         client.log_artifact(run_id, str(path), "samples")
 
 
+def round_scorer(cfg: DistillConfig, loop_config: dict, device: torch.device):
+    """FID/KID against the test split with the evaluate stage's digits feature net (its floor printed once), or
+    None without a test split or with num_fid_samples 0."""
+    if not loop_config.get("test_uri") or not cfg.num_fid_samples:
+        return None
+    from pipelines.evaluate.config import EvaluateConfig
+    from pipelines.evaluate.features import build_feature_extractor
+    from pipelines.evaluate.stage import EvaluateResult, make_scorer
+    from pipelines.ingest.reader import load_split_tensor
+    from pipelines.storage import localize
+
+    test_images, _ = load_split_tensor(localize(loop_config["test_uri"]))
+    train_images, train_labels = load_split_tensor(localize(loop_config["train_uri"]))
+    config = EvaluateConfig(num_fid_samples=cfg.num_fid_samples, seed=cfg.seed)
+    extract = build_feature_extractor(config, train_images, train_labels, device)
+    return make_scorer(config, extract, test_images, train_images, EvaluateResult(metrics={}))
+
+
+def score_round(ds: Distiller, scorer, client: MlflowClient, run_id: str) -> None:
+    """FID and KID of the EMA student at its step count (balanced class labels for a conditional student)."""
+    from pipelines.evaluate.sampling import balanced_labels, generate_samples, parse_sampler
+
+    student = DiffusionModel(ds.ema.averaged, ds.student.schedule_name, ds.student.num_timesteps, prediction="v",
+                             zero_terminal_snr=ds.student.zero_terminal_snr).to(ds.device).eval()
+    n, classes = ds.cfg.num_fid_samples, ds.student.num_classes
+    samples = generate_samples(student, parse_sampler(f"distilled-{ds.student_steps}"), n, min(n, 256), ds.cfg.seed,
+                               labels=None if classes is None else balanced_labels(n, classes))
+    fid, kid, _ = scorer(samples.images)
+    print(f"[raydiff distill] round {ds.round_index + 1}: {ds.student_steps}-step student FID {fid:.2f} KID "
+          f"{kid:.4f} (floor {scorer.floor.fid:.2f}), {samples.samples_per_s:.0f} samples/s", flush=True)
+    now, step = int(time.time() * 1000), ds.student_steps
+    client.log_batch(run_id, metrics=[Metric("fid", fid, now, step), Metric("kid", kid, now, step),
+                                      Metric("samples_per_s", samples.samples_per_s, now, step)])
+
+
 def grid_labels(ds: Distiller) -> torch.Tensor | None:
     if ds.student.num_classes is None:
         return None
@@ -208,11 +243,14 @@ def distill_loop_per_worker(loop_config: dict) -> None:
         position = ds.round_index * cfg.steps_per_round + ds.step
         client.log_metric(run_id, "start_step", position, step=position)
     data = batches(ds, batches_per_epoch(cfg, source, rank, world, cfg.batch_size // world))
+    scorer = round_scorer(cfg, loop_config, device) if client is not None else None
     ds.model.train()
     while True:
         run_round(ds, data, rank, source, client, run_id)
         if client is not None:
             round_grid(ds, client, run_id, grid_labels(ds))
+            if scorer is not None:
+                score_round(ds, scorer, client, run_id)
         done = ds.round_index == len(cfg.rounds) - 1
         if not done:
             ds.next_round()

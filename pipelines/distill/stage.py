@@ -37,8 +37,10 @@ def student_model(state: dict, teacher: DiffusionModel, config: DistillConfig, t
 
 
 def run_distillation(config: DistillConfig, teacher_uri: str, train_uri: str, output_uri: str, tracking_uri: str,
-                     experiment: str, run_name: str = "distill", parent_run_id: str | None = None) -> dict:
-    """Distil the model at `teacher_uri` on the split at `train_uri` (Ray must be initialised); → the stage values."""
+                     experiment: str, run_name: str = "distill", parent_run_id: str | None = None,
+                     test_uri: str | None = None) -> dict:
+    """Distil the model at `teacher_uri` on the split at `train_uri` (Ray must be initialised), scoring each round's
+    student against the split at `test_uri` when given; → the stage values."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.distill.loop import distill_loop_per_worker
@@ -57,7 +59,8 @@ def run_distillation(config: DistillConfig, teacher_uri: str, train_uri: str, ou
           f"→ {' → '.join(str(n) for n in config.rounds)}", flush=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     loop_config = {"distill": config.model_dump(mode="json"), "teacher_uri": teacher_uri, "train_uri": train_uri,
-                   "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
+                   "test_uri": absolute_uri(test_uri) if test_uri else None, "tracking_uri": tracking_uri,
+                   "mlflow_run_id": run_id}
     try:
         result = torch_trainer(config, loop_config, output_uri, loop=distill_loop_per_worker, name="distill").fit()
         if result.checkpoint is None:
@@ -79,7 +82,8 @@ def run(ctx: StageContext) -> StageResult:
     if recorded:
         ctx.mlflow().set_tag(recorded.strip(), "mlflow.parentRunId", ctx.parent_run_id)
     values = run_distillation(ctx.params, ctx.inputs["model"].values["model_uri"], splits["train"], ctx.output_uri,
-                              ctx.tracking_uri, ctx.experiment, run_name=ctx.stage, parent_run_id=ctx.parent_run_id)
+                              ctx.tracking_uri, ctx.experiment, run_name=ctx.stage, parent_run_id=ctx.parent_run_id,
+                              test_uri=splits.get("test"))
     metrics, digest = values.pop("metrics"), values.pop("checkpoint_hash")
     return StageResult(values=values, metrics={k: float(v) for k, v in metrics.items()}, content_hash=digest,
                        run_id=values["run_id"])

@@ -82,7 +82,7 @@ def run_evaluate(
     result = EvaluateResult(metrics=dict(extract.metrics))
     model.eval()
     _score_bpd(config, model, test_images, output_dir, progress, result)
-    scorer = _scorer(config, extract, test_images, train_images, result)
+    scorer = make_scorer(config, extract, test_images, train_images, result)
     for spec in specs:
         _score_sampler(config, model, spec, scorer, output_dir, progress, result)
     result.artifacts += [write_table_csv(result.table, output_dir / "sampler_table.csv"),
@@ -128,7 +128,7 @@ def _score_bpd(config: EvaluateConfig, model, test_images: torch.Tensor, output_
                          plot_vb_per_t(bpd, output_dir / "bpd_per_t.png")]
 
 
-def _scorer(config: EvaluateConfig, extract: FeatureExtractor, test_images: torch.Tensor,
+def make_scorer(config: EvaluateConfig, extract: FeatureExtractor, test_images: torch.Tensor,
             train_images: torch.Tensor, result: EvaluateResult) -> Scorer:
     """Test features and the floor: real TRAIN images the feature net never saw against the test images."""
     test_features = extract(test_images)

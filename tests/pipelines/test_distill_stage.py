@@ -46,13 +46,13 @@ def teacher(ray_session, tmp_path_factory):
                         progress=False).splits
     uri = f"sqlite:///{root / 'mlruns.db'}"
     result = run_training(TrainConfig.model_validate(TEACHER), splits["train"], None, root / "train", uri, "distill")
-    return result.model_uri, splits["train"], uri, root
+    return result.model_uri, splits, uri, root
 
 
 def test_two_rounds_give_a_logged_two_step_student(teacher):
-    teacher_uri, train_split, uri, root = teacher
-    values = run_distillation(DistillConfig.model_validate(DISTILL), teacher_uri, train_split, root / "out", uri,
-                              "distill")
+    teacher_uri, splits, uri, root = teacher
+    values = run_distillation(DistillConfig.model_validate({**DISTILL, "num_fid_samples": 64}), teacher_uri,
+                              splits["train"], root / "out", uri, "distill", test_uri=splits["test"])
     client = MlflowClient(uri)
     run = client.get_run(values["run_id"])
     assert run.info.status == "FINISHED" and values["steps"] == 2
@@ -62,6 +62,9 @@ def test_two_rounds_give_a_logged_two_step_student(teacher):
     assert {a.path for a in client.list_artifacts(values["run_id"], "samples")} == {
         "samples/distilled-4_round1.png", "samples/distilled-2_round2.png"}
     assert run.data.params["distill.teacher_steps"] == "8"
+    fids = client.get_metric_history(values["run_id"], "fid")  # each round's student, at its step count
+    assert [m.step for m in fids] == [4, 2] and all(m.value > 0 for m in fids)
+    assert [m.step for m in client.get_metric_history(values["run_id"], "kid")] == [4, 2]
     mlflow.set_tracking_uri(uri)
     student = load_model(values["model_uri"])
     assert student.metadata["distilled"] is True and student.metadata["distilled_steps"] == 2
@@ -74,11 +77,11 @@ def test_two_rounds_give_a_logged_two_step_student(teacher):
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(teacher):
-    teacher_uri, train_split, uri, root = teacher
+    teacher_uri, splits, uri, root = teacher
     out, outcome = root / "killed", {}
-    config = DistillConfig.model_validate({**DISTILL, "steps_per_round": 60})
+    config = DistillConfig.model_validate({**DISTILL, "steps_per_round": 60, "num_fid_samples": 0})
     thread = threading.Thread(target=lambda: outcome.setdefault("values", run_distillation(
-        config, teacher_uri, train_split, out, uri, "distill")), daemon=True)
+        config, teacher_uri, splits["train"], out, uri, "distill")), daemon=True)
     thread.start()
     snapshot = out / "ray" / "distill" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
