@@ -114,7 +114,8 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
         default_steps=None, calls_option="corrector_steps", paper="Song et al. 2021, Alg. 5 (VP)",
         options={"corrector_steps": OptionSpec(1, "Langevin corrector steps per noise level (each a model call)",
                                                ge=0, le=10),
-                 "snr": OptionSpec(0.16, "corrector signal-to-noise ratio r: step 2α (r‖z‖ / ‖s‖)²", ge=0.0, le=1.0),
+                 "snr": OptionSpec(0.16, "corrector signal-to-noise ratio r: step 2α r² (1 − ᾱ_t), Song et al.'s "
+                                         "2α (r‖z‖ / ‖s‖)² at the norms' expectations", ge=0.0, le=1.0),
                  "spacing": _spacing("linspace")}),
     "ode-euler": SamplerSpec(
         "ode-euler", "probability-flow ODE, Euler steps in σ = √(1 − ᾱ)/√ᾱ (equals DDIM at η = 0, unclipped)",

@@ -13,7 +13,7 @@ from diffusion.samplers.base import (SAMPLERS, Denoised, Progress, Sampler, Samp
 # Importing a sampler's file registers it; SAMPLERS lists them in this order (the catalog's).
 from diffusion.samplers.ddpm import ddpm_step
 from diffusion.samplers.ddim import ddim_encode, ddim_sigma, ddim_step
-from diffusion.samplers.sde import reverse_sde_step, snr_step_size
+from diffusion.samplers.sde import corrector_step_size, reverse_sde_step
 from diffusion.samplers.ode import ode_euler_step, ode_heun_step
 from diffusion.samplers.dpm_solver import dpmpp_2m_step
 from diffusion.samplers.distilled import distilled
@@ -22,4 +22,4 @@ from diffusion.samplers.loop import ddim_sample, ddpm_sample, sample
 __all__ = ["SAMPLERS", "Denoised", "Progress", "Sampler", "SamplerState", "Steps", "Walk", "ddim_encode", "ddim_sample",
            "distilled",
            "ddim_sigma", "ddim_step", "ddpm_sample", "ddpm_step", "dpmpp_2m_step", "get_sampler", "model_eps",
-           "ode_euler_step", "ode_heun_step", "register", "respaced", "reverse_sde_step", "sample", "snr_step_size"]
+           "ode_euler_step", "ode_heun_step", "register", "respaced", "reverse_sde_step", "sample", "corrector_step_size"]
