@@ -20,14 +20,12 @@ from services.ingress import Ingress
 from services.replica import SamplerDeployment
 
 
-def _wants_gpu(device: str) -> bool:
-    if device == "cuda":
-        return True
-    if device == "cpu":
-        return False
-    import ray
-
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+def replica_gpus(args: AppArgs) -> float:
+    """GPUs each SamplerDeployment replica reserves: `num_gpus` as given, 1 for device "cuda" without it. Decided by
+    the arguments alone, never by the cluster's current size (which reads 0 while GPU nodes scale from zero)."""
+    if args.device == "cpu":
+        return 0.0
+    return args.num_gpus or (1.0 if args.device == "cuda" else 0.0)
 
 
 def build_app(args: dict) -> serve.Application:
@@ -44,7 +42,7 @@ def build_app(args: dict) -> serve.Application:
     sampler = SamplerDeployment.options(
         max_ongoing_requests=2 * a.max_batch_size,  # ≥ max_batch_size so batches fill, plus one batch queued
         graceful_shutdown_timeout_s=a.request_timeout_s,
-        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": 1 if _wants_gpu(a.device) else 0},
+        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": replica_gpus(a)},
         **scaling,
     ).bind(a.model_dump())
     return Ingress.options(

@@ -17,13 +17,16 @@ class AppArgs(Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking (and registry) URI; None: $MLFLOW_TRACKING_URI")
     max_batch_size: int = Field(16, ge=1, description="requests merged into one batched reverse process")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the replica's GPU when it reserves one "
+                                                   "(num_gpus), else the CPU")
     max_num_images: int = Field(64, ge=1)
     request_timeout_s: float = Field(300.0, gt=0.0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     # Beyond the contract's fields (all optional):
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per SamplerDeployment replica")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per SamplerDeployment replica (device auto then "
+                                                     "samples on it; device cuda alone reserves 1)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (None: Ray's "
                                                               "OMP_NUM_THREADS, i.e. num_cpus)")
     ingress_replicas: int = Field(1, ge=1)

@@ -38,12 +38,18 @@ def _deploy(ctx: StageContext, model_uri: str) -> str:
     they are) and deploy the application, or update it in place. Returns the endpoint URL."""
     from ray import serve
 
+    from pipelines.resources import wait_for_resources
+
     params: DeployConfig = ctx.params
+    gpus = params.replica_gpus()
+    if gpus:
+        wait_for_resources({"GPU": gpus * params.replicas}, params.resource_wait_s, f"stages.{ctx.stage}")
     module_name, _, attr = params.app.partition(":")
     build = getattr(importlib.import_module(module_name), attr)
     app = build({"model_uri": model_uri, "tracking_uri": ctx.tracking_uri,
                  "max_batch_size": params.max_batch_size, "min_replicas": params.replicas,
-                 "max_replicas": params.replicas})
+                 "max_replicas": params.replicas, "device": params.device, "num_gpus": gpus,
+                 "num_cpus": params.num_cpus})
     serve.start(http_options={"host": params.host, "port": params.port})
     serve.run(app, name=params.name, route_prefix=params.route, blocking=False)
     return endpoint_url(params)

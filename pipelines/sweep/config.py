@@ -104,6 +104,8 @@ class SweepConfig(StrictConfig):
     metric: MetricSpec = MetricSpec()
     scheduler: SchedulerSpec | None = None
     seed: int = Field(0, description="seed of the search's sampling")
+    resource_wait_s: float = Field(600.0, ge=0.0, description="how long trials that the cluster cannot hold yet "
+                                   "(GPU nodes scaling from zero) wait for the autoscaler before the sweep fails")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepConfig":

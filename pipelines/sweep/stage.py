@@ -47,29 +47,20 @@ class SweepResult:
     artifacts: list[Path]
 
 
-def check_resources(config: SweepConfig, stage: str, resources: dict[str, float]) -> None:
-    """max_concurrent trials must fit the cluster at once (each: its Ray Train workers and the trial actor)."""
-    train = config.train
-    cpus = train.workers * train.cpus_per_worker + TRIAL_ACTOR_CPUS
-    gpus = train.workers if train.use_gpu else 0
-    have_cpus, have_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    n = config.max_concurrent
-    if n * cpus > have_cpus + 1e-9:
-        raise ValueError(f"stages.{stage}.max_concurrent: {n} concurrent trials need {n * cpus:g} CPUs ({n} × "
-                         f"{train.workers} workers × {train.cpus_per_worker:g} cpus_per_worker, plus "
-                         f"{TRIAL_ACTOR_CPUS:g} per trial) but the cluster has {have_cpus:g}")
-    if n * gpus > have_gpus:
-        raise ValueError(f"stages.{stage}.max_concurrent: {n} concurrent trials need {n * gpus} GPUs but the cluster "
-                         f"has {have_gpus:g}")
+def trial_resources(config: SweepConfig) -> dict[str, float]:
+    """What max_concurrent trials need at once (each: its Ray Train workers and the trial actor), from the file."""
+    train, n = config.train, config.max_concurrent
+    needed = {"CPU": n * (train.workers * train.cpus_per_worker + TRIAL_ACTOR_CPUS)}
+    return {**needed, "GPU": float(n * train.workers)} if train.use_gpu else needed
 
 
 def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output_dir: Path, tracking_uri: str,
               experiment: str, sweep_run_id: str, stage: str = "sweep",
               log: Callable[[str], None] = print) -> SweepResult:
     """Run (or resume) the sweep's Tune experiment in output_dir; Ray must be initialised. Returns the best trial."""
-    import ray
     from ray import tune
 
+    from pipelines.resources import wait_for_resources
     from pipelines.sweep.progress import LIVE, Progress
     from pipelines.sweep.trial import SweepTrial
 
@@ -78,7 +69,8 @@ def run_sweep(config: SweepConfig, train_dir: Path, val_dir: Path | None, output
     if config.metric.name in VAL_METRICS and val_dir is None:
         raise ValueError(f"stages.{stage}.metric.name: {config.metric.name} needs a validation split, and the "
                          "ingest stage wrote none (set its split.val above 0)")
-    check_resources(config, stage, ray.cluster_resources())
+    wait_for_resources(trial_resources(config), config.resource_wait_s,
+                       f"stages.{stage}.max_concurrent ({config.max_concurrent} trials at once)", log)
     ensure_experiment(tracking_uri, experiment)  # before trials start, so they do not race to create the store
 
     status = SweepStatus(stage=stage, metric=config.metric.name, mode=config.metric.mode, steps=config.train.steps,

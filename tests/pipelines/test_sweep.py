@@ -13,7 +13,8 @@ from pipelines.runner.execute import PipelineFailed, run_pipeline
 from pipelines.spec import SpecError, build_spec
 from pipelines.sweep.config import SweepConfig, trial_config
 from pipelines.sweep.report import FAILED, FINISHED, STOPPED, SweepStatus, TrialRow, find_status_files, select_best
-from pipelines.sweep.stage import check_resources
+from pipelines.resources import ResourcesUnavailable, wait_for_resources
+from pipelines.sweep.stage import trial_resources
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +101,20 @@ def test_bad_search_spaces_and_metrics_are_errors_naming_their_path():
     assert {e.split(":")[0] for e in errors} == {"stages.sweep.max_concurrent", "stages.sweep.metric.mode"}, errors
 
 
-def test_max_concurrent_beyond_the_cluster_is_an_error_naming_the_path():
+def test_max_concurrent_beyond_the_cluster_waits_then_fails_naming_the_path(ray_session):
+    """The trials' needs come from the file; a cluster that cannot hold them yet is waited for, then refused."""
     config = SweepConfig.model_validate({**{k: v for k, v in SWEEP.items() if k not in ("needs", "kind")},
-                                         "max_concurrent": 5, "train": {**TINY_TRAIN, "cpus_per_worker": 2.0}})
-    with pytest.raises(ValueError, match=r"stages.sweep.max_concurrent: 5 concurrent trials need 10.05 CPUs .* has 8"):
-        check_resources(config, "sweep", {"CPU": 8.0})
-    check_resources(config.model_copy(update={"max_concurrent": 3}), "sweep", {"CPU": 8.0})
+                                         "max_concurrent": 5, "resource_wait_s": 1.0,
+                                         "train": {**TINY_TRAIN, "cpus_per_worker": 2.0}})
+    workers = config.train.workers
+    assert trial_resources(config) == {"CPU": pytest.approx(5 * (workers * 2.0 + 0.01))}
+    gpu = config.model_copy(update={"train": config.train.model_copy(update={"use_gpu": True})})
+    assert trial_resources(gpu)["GPU"] == 5 * workers
+    lines = []
+    with pytest.raises(ResourcesUnavailable, match=r"stages.sweep.max_concurrent \(5 trials at once\) needs [\d.]+ CPU"):
+        wait_for_resources(trial_resources(config), config.resource_wait_s,
+                           "stages.sweep.max_concurrent (5 trials at once)", lines.append, poll_s=0.2)
+    assert "waiting up to 1 s for the autoscaler" in lines[-1]
 
 
 def test_best_trial_by_metric_and_mode():
