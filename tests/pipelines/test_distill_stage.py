@@ -6,7 +6,6 @@ import signal
 import threading
 import time
 
-import mlflow
 import psutil
 import pytest
 import torch
@@ -19,6 +18,7 @@ from pipelines.distill.stage import run_distillation
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.stage import run_ingest
 from pipelines.modelstore import load_model
+from pipelines.tracking import use_tracking_uri
 from pipelines.train.config import TrainConfig
 from pipelines.train.stage import run_training
 from tests.pipelines.test_train import _registered_checkpoint, _train_worker_pids
@@ -65,8 +65,8 @@ def test_two_rounds_give_a_logged_two_step_student(teacher):
     fids = client.get_metric_history(values["run_id"], "fid")  # each round's student, at its step count
     assert [m.step for m in fids] == [4, 2] and all(m.value > 0 for m in fids)
     assert [m.step for m in client.get_metric_history(values["run_id"], "kid")] == [4, 2]
-    mlflow.set_tracking_uri(uri)
-    student = load_model(values["model_uri"])
+    with use_tracking_uri(uri):  # leaves MLflow's process-wide URI as it was for later tests
+        student = load_model(values["model_uri"])
     assert student.metadata["distilled"] is True and student.metadata["distilled_steps"] == 2
     assert student.metadata["teacher"] == teacher_uri and student.prediction == "v"
     assert student.num_classes == 10 and student.metadata["distilled_guidance_scale"] == 2.0
