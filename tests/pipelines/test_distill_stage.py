@@ -2,11 +2,6 @@
 two progressive-distillation rounds (8 → 4 → 2 steps) with real local Ray Train, a real sqlite MLflow store and real
 webdataset shards; the student is logged in the project's model format with its provenance and samples in 2 steps."""
 
-import signal
-import threading
-import time
-
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -21,7 +16,7 @@ from pipelines.modelstore import load_model
 from pipelines.tracking import use_tracking_uri
 from pipelines.train.config import TrainConfig
 from pipelines.train.stage import run_training
-from tests.pipelines.test_train import _registered_checkpoint, _train_worker_pids
+from tests.pipelines.test_train import run_killing_a_worker
 
 TEACHER = {"model": {"preset": "tiny", "num_classes": "auto", "prediction": "v"}, "batch_size": 32, "workers": 1,
            "lr": 1e-3, "warmup_steps": 10, "log_every": 20, "checkpoint_every": 60, "eval_every": 0,
@@ -80,18 +75,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(teacher):
     teacher_uri, splits, uri, root = teacher
     out, outcome = root / "killed", {}
     config = DistillConfig.model_validate({**DISTILL, "steps_per_round": 60, "num_fid_samples": 0})
-    thread = threading.Thread(target=lambda: outcome.setdefault("values", run_distillation(
-        config, teacher_uri, splits["train"], out, uri, "distill")), daemon=True)
-    thread.start()
-    snapshot = out / "ray" / "distill" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and not _registered_checkpoint(snapshot):
-        time.sleep(0.5)
-    assert _registered_checkpoint(snapshot), f"no checkpoint registered in {snapshot} within 240 s"
-    pids = _train_worker_pids()
-    assert pids, "no Ray Train worker process found to kill"
-    psutil.Process(pids[-1]).send_signal(signal.SIGKILL)
-    thread.join(timeout=300)
+    run_killing_a_worker(lambda: outcome.setdefault("values", run_distillation(
+        config, teacher_uri, splits["train"], out, uri, "distill")), out / "ray" / "distill")
     values = outcome["values"]
     starts = [m.value for m in MlflowClient(uri).get_metric_history(values["run_id"], "start_step")]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 10, starts  # continued, not restarted

@@ -101,17 +101,13 @@ def _registered_checkpoint(snapshot: Path) -> bool:
         return False
 
 
-def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_path, mlflow_uri):
-    train_dir, _ = digits_8x8
-    out = tmp_path / "out"
-    config = TrainConfig.model_validate({**TINY, "steps": 300})
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault(
-        "result", run_training(config, train_dir, None, out, mlflow_uri, "t", "train")), daemon=True)
+def run_killing_a_worker(run, ray_run_dir: Path) -> None:
+    """Run `run` in a thread and SIGKILL one Ray Train worker once the controller has registered a checkpoint in
+    `ray_run_dir` (its snapshot on storage names one: a report that has returned on the workers may not have reached
+    the controller yet); wait for `run` to finish."""
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    # Kill once the Ray Train controller has registered a checkpoint (its snapshot on storage names one): a report
-    # that has returned on the workers may not have reached the controller yet.
-    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    snapshot = ray_run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
     while time.time() < deadline and not _registered_checkpoint(snapshot):
         time.sleep(0.5)
@@ -120,6 +116,15 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_pat
     assert pids, "no Ray Train worker process found to kill"
     psutil.Process(pids[-1]).send_signal(signal.SIGKILL)
     thread.join(timeout=300)
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(digits_8x8, tmp_path, mlflow_uri):
+    train_dir, _ = digits_8x8
+    out = tmp_path / "out"
+    config = TrainConfig.model_validate({**TINY, "steps": 300})
+    outcome = {}
+    run_killing_a_worker(lambda: outcome.setdefault(
+        "result", run_training(config, train_dir, None, out, mlflow_uri, "t", "train")), out / "ray" / "train")
     result = outcome["result"]
     assert result.final_step == 300
     starts = [v for _, v in metric_history(mlflow_uri, result.run_id, "start_step")]
